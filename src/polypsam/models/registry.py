@@ -147,7 +147,14 @@ def _build_lite(pretrained: bool, checkpoint_dir=None) -> PromptableSAM:
 def _build_tiny(pretrained: bool, checkpoint_dir=None) -> PromptableSAM:
     from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, TwoWayTransformer
 
-    torch.manual_seed(0)  # the same random weights every time, so tiny runs are comparable
+    with torch.random.fork_rng(devices=[]):  # the same random weights every time, global RNG untouched
+        torch.manual_seed(0)
+        return _tiny_parts()
+
+
+def _tiny_parts() -> PromptableSAM:
+    from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, TwoWayTransformer
+
     encoder = ImageEncoderViT(img_size=64, patch_size=8, in_chans=3, embed_dim=32, depth=2, num_heads=2,
                               mlp_ratio=2, out_chans=32, qkv_bias=True, use_rel_pos=True, window_size=4,
                               global_attn_indexes=(1,))
