@@ -13,8 +13,9 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run_train(*overrides, cwd=None, check=True):
-    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+def run_train(*overrides, cwd=None, check=True, env_extra=None):
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled",
+           **(env_extra or {})}
     proc = subprocess.run([sys.executable, "-m", "polypsam.train", *overrides], cwd=cwd or REPO, env=env,
                           capture_output=True, text=True, timeout=600)
     if check and proc.returncode != 0:
@@ -72,3 +73,16 @@ def test_bad_input_is_one_clear_line(tmp_path):
                      "+data/augment=basic", f"paths.root_dir={tmp_path}", f"hydra.run.dir={tmp_path / 'run2'}",
                      check=False)
     assert proc.returncode == 2 and "mutually exclusive" in proc.stderr
+
+
+def test_wandb_offline_logs_metrics_and_overlays(tmp_path):
+    run = tmp_path / "run"
+    run_train("+experiment=tiny", "logger=wandb", "logger.wandb.offline=true", f"paths.root_dir={tmp_path}",
+              f"hydra.run.dir={run}", env_extra={"WANDB_MODE": "offline", "WANDB_SILENT": "true"})
+    runs = list((run / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    files = {p.name for p in runs[0].rglob("*")}
+    assert any(n.endswith(".wandb") for n in files)  # the offline run record, syncable with `wandb sync`
+    overlays = list(runs[0].glob("files/media/images/val/overlays_*.png"))
+    assert len(overlays) == 2  # zero-shot validation and epoch 0
+    assert (run / "csv" / "metrics.csv").is_file()  # the CSV log is always written too

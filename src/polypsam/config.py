@@ -70,7 +70,7 @@ def embedding_cache_from_cfg(cfg: DictConfig, net: PromptableSAM) -> EmbeddingCa
 
 
 def datamodule_from_cfg(cfg: DictConfig, image_size: int, embedding_cache: EmbeddingCache | None = None,
-                        output_dir: str | None = None):
+                        output_dir: str | None = None, resize_method: str = "pil_bilinear"):
     d = OmegaConf.to_container(cfg.data, resolve=True)
     for key in ("effective_batch_size", "embedding_cache", "generate_demo"):
         d.pop(key, None)
@@ -80,4 +80,5 @@ def datamodule_from_cfg(cfg: DictConfig, image_size: int, embedding_cache: Embed
         generate_demo_dataset(d["root"])
     if output_dir is not None:
         d["output_dir"] = output_dir
-    return instantiate(d, image_size=image_size, embedding_cache=embedding_cache, _convert_="all")
+    return instantiate(d, image_size=image_size, embedding_cache=embedding_cache, resize_method=resize_method,
+                       _convert_="all")

@@ -64,7 +64,8 @@ def train(cfg: DictConfig) -> dict:
     net = model_from_cfg(cfg.model)
     frozen = freeze_strategy(net, cfg.strategy.freeze, cfg.strategy.get("freeze_box_unused", True))
     cache = embedding_cache_from_cfg(cfg, net)
-    dm = datamodule_from_cfg(cfg, image_size=net.spec.image_size, embedding_cache=cache, output_dir=str(out))
+    dm = datamodule_from_cfg(cfg, image_size=net.spec.image_size, embedding_cache=cache, output_dir=str(out),
+                             resize_method=net.spec.resize_method)
 
     devices = device_count(cfg.trainer.devices, cfg.trainer.accelerator)
     accum, effective = derive_accumulation(cfg.data.effective_batch_size, cfg.data.batch_size, devices,

@@ -45,7 +45,7 @@ class PolypDataModule(L.LightningDataModule):
                  eval_batch_size: int | None = None, num_workers: int = 2, box: dict | None = None,
                  augment: list | None = None, limit_train: int | None = None, limit_val: int | None = None,
                  limit_test: int | None = None, embedding_cache: EmbeddingCache | None = None,
-                 pin_memory: bool = False):
+                 pin_memory: bool = False, resize_method: str = "pil_bilinear"):
         super().__init__()
         self.root = Path(root).expanduser()
         self.train_dirs = list(train_dirs)
@@ -53,6 +53,7 @@ class PolypDataModule(L.LightningDataModule):
         self.val_fraction, self.split_seed, self.split_file = val_fraction, split_seed, split_file
         self.output_dir = Path(output_dir) if output_dir else None
         self.image_size = image_size
+        self.resize_method = resize_method  # follows the model (ModelSpec.resize_method)
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers = num_workers
@@ -108,9 +109,10 @@ class PolypDataModule(L.LightningDataModule):
                 raise DataError(f"{self.root}: no usable {part} images (all {len(chosen)} masks are empty).")
             sets[part] = recs
         self.train_set = PolypDataset(sets["train"], self.image_size, self.box, train=True,
-                                      augment=self.augment, embedding_cache=self.embedding_cache)
+                                      augment=self.augment, embedding_cache=self.embedding_cache,
+                                      resize_method=self.resize_method)
         self.val_set = PolypDataset(sets["val"], self.image_size, self.eval_box,
-                                    embedding_cache=self.embedding_cache)
+                                    embedding_cache=self.embedding_cache, resize_method=self.resize_method)
         self._write_report()
 
     def _checked(self, recs: list[Record]) -> tuple[list[Record], list[str]]:
@@ -145,7 +147,8 @@ class PolypDataModule(L.LightningDataModule):
                 for r in recs:
                     r.key = file_digest(r.image)
             self.test_sets[n] = PolypDataset(recs, self.image_size, self.eval_box,
-                                             embedding_cache=self.embedding_cache)
+                                             embedding_cache=self.embedding_cache,
+                                             resize_method=self.resize_method)
 
     def _write_report(self) -> None:
         if self.output_dir is None:

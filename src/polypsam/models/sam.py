@@ -28,6 +28,7 @@ class ModelSpec:
     embedding_size: int  # side of the image-embedding grid
     embedding_dim: int  # channels of the image embedding
     description: str = ""
+    resize_method: str = "pil_bilinear"  # see polypsam.data.transforms.resize_image
 
     @property
     def low_res_size(self) -> int:
@@ -36,7 +37,7 @@ class ModelSpec:
     def preprocessing_key(self) -> str:
         """Everything about preprocessing that changes an embedding (cache keys)."""
         return (f"size={self.image_size};norm={self.normalization};mean={self.pixel_mean};"
-                f"std={self.pixel_std};resize=pil-bilinear-longest-side;pad=bottom-right-zero")
+                f"std={self.pixel_std};resize={self.resize_method}-longest-side;pad=bottom-right-zero")
 
 
 # Parameters that receive no gradient when prompts are boxes only and a single mask is decoded:
