@@ -160,3 +160,17 @@ def test_test_sets_follow_paper_order(tmp_path):
     for name in ["ETIS-LaribPolypDB", "Zeta", "CVC-300", "Kvasir", "Alpha"]:
         (tmp_path / "TestDataset" / name).mkdir(parents=True)
     assert list(find_test_sets(tmp_path)) == ["Kvasir", "CVC-300", "ETIS-LaribPolypDB", "Alpha", "Zeta"]
+
+
+def test_boxes_come_from_the_augmented_mask(tmp_path):
+    import albumentations as A
+
+    d = tmp_path / "TrainDataset"
+    for i in range(6):
+        _write(d, f"s{i}", ".png", hw=(40, 50), mask_box=(5, 2, 15, 12))  # rows 5..14, cols 2..11
+    dm = PolypDataModule(root=str(tmp_path), image_size=50, num_workers=0, val_fraction=0.2,
+                         augment=[A.HorizontalFlip(p=1.0)])
+    dm.setup("fit")
+    item = dm.train_set[0]
+    assert item["boxes_original"].tolist() == [[38.0, 5.0, 47.0, 14.0]]  # mirrored: cols 38..47
+    assert dm.val_set[0]["boxes_original"].tolist() == [[2.0, 5.0, 11.0, 14.0]]  # validation is not augmented

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict
+from functools import partial
 from typing import Any
 
 import lightning as L
@@ -16,6 +17,18 @@ from polypsam.losses import SegmentationLoss
 from polypsam.models.sam import PromptableSAM
 
 CHECKPOINT_KEY = "polypsam"
+
+
+def warmup_cosine(step: int, total: int, warmup: int, start_factor: float, min_factor: float) -> float:
+    """LR factor: linear warm-up from ``start_factor`` to 1, then cosine down to ``min_factor``.
+
+    The Polyp-SAM notebooks step ``LinearWarmupCosineAnnealingLR`` per epoch; stepping per optimiser step
+    gives the same curve at a finer grain and does not depend on the epoch length.
+    """
+    if step < warmup:
+        return start_factor + (1.0 - start_factor) * step / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_factor + (1.0 - min_factor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def valid_region(input_hw: torch.Tensor, size: int) -> torch.Tensor:
@@ -149,15 +162,8 @@ class PolypSAMModule(L.LightningModule):
         params = [p for p in self.net.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay, betas=tuple(hp.betas))
         total = max(1, int(self.trainer.estimated_stepping_batches))
-        warm = max(1, int(round(hp.warmup_fraction * total)))
-
-        def factor(step: int) -> float:
-            # linear warm-up from warmup_start_factor to 1, then cosine down to min_lr_factor, per optimiser step
-            if step < warm:
-                return hp.warmup_start_factor + (1.0 - hp.warmup_start_factor) * step / warm
-            progress = min(1.0, (step - warm) / max(1, total - warm))
-            return hp.min_lr_factor + (1.0 - hp.min_lr_factor) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
+        factor = partial(warmup_cosine, total=total, warmup=max(1, int(round(hp.warmup_fraction * total))),
+                         start_factor=hp.warmup_start_factor, min_factor=hp.min_lr_factor)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
 
