@@ -10,6 +10,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from polypsam.data.embedding_cache import EmbeddingCache
+from polypsam.data.image_cache import ImageCache
 from polypsam.errors import ConfigError
 from polypsam.models import build_model
 from polypsam.models.sam import PromptableSAM
@@ -48,7 +49,8 @@ def derive_accumulation(effective_batch_size: int, batch_size: int, devices: int
 def model_from_cfg(mcfg: DictConfig, pretrained: bool | None = None) -> PromptableSAM:
     return build_model(mcfg.name, pretrained=mcfg.pretrained if pretrained is None else pretrained,
                        checkpoint_dir=mcfg.get("checkpoint_dir"), attention=mcfg.get("attention", "sdpa"),
-                       gradient_checkpointing=mcfg.get("gradient_checkpointing", False))
+                       gradient_checkpointing=mcfg.get("gradient_checkpointing", False),
+                       compile=mcfg.get("compile", False))
 
 
 def embedding_cache_from_cfg(cfg: DictConfig, net: PromptableSAM) -> EmbeddingCache | None:
@@ -69,10 +71,26 @@ def embedding_cache_from_cfg(cfg: DictConfig, net: PromptableSAM) -> EmbeddingCa
     return EmbeddingCache(cfg.data.embedding_cache.dir, net.encoder_fingerprint())
 
 
+def image_cache_from_cfg(cfg: DictConfig, image_size: int, resize_method: str = "pil_bilinear"
+                         ) -> ImageCache | None:
+    """``data.image_cache``: resized images on disk (used by the sets that are not augmented)."""
+    icfg = cfg.data.get("image_cache") or {}
+    enabled = icfg.get("enabled", False)
+    if enabled not in (True, False):
+        raise ConfigError(f"data.image_cache.enabled={enabled!r}: choose true or false.")
+    if not enabled:
+        return None
+    if not icfg.get("dir"):
+        raise ConfigError("data.image_cache.enabled=true needs data.image_cache.dir (a folder for the resized "
+                          "images, e.g. ${paths.cache_dir}/images).")
+    return ImageCache(icfg["dir"], image_size, resize_method)
+
+
 def datamodule_from_cfg(cfg: DictConfig, image_size: int, embedding_cache: EmbeddingCache | None = None,
                         output_dir: str | None = None, resize_method: str = "pil_bilinear"):
+    image_cache = image_cache_from_cfg(cfg, image_size, resize_method)
     d = OmegaConf.to_container(cfg.data, resolve=True)
-    for key in ("effective_batch_size", "embedding_cache", "generate_demo"):
+    for key in ("effective_batch_size", "embedding_cache", "image_cache", "generate_demo"):
         d.pop(key, None)
     if cfg.data.get("generate_demo"):
         from polypsam.data.demo import generate_demo_dataset
@@ -81,4 +99,4 @@ def datamodule_from_cfg(cfg: DictConfig, image_size: int, embedding_cache: Embed
     if output_dir is not None:
         d["output_dir"] = output_dir
     return instantiate(d, image_size=image_size, embedding_cache=embedding_cache, resize_method=resize_method,
-                       _convert_="all")
+                       image_cache=image_cache, _convert_="all")

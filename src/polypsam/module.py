@@ -13,6 +13,7 @@ from torchmetrics.segmentation import DiceScore, MeanIoU
 
 from polypsam import __version__
 from polypsam.data.embedding_cache import EmbeddingCache
+from polypsam.faults import TrainingDiverged
 from polypsam.losses import SegmentationLoss
 from polypsam.models.sam import PromptableSAM
 
@@ -116,10 +117,12 @@ class PolypSAMModule(L.LightningModule):
     def training_step(self, batch, batch_idx):
         loss, _, _ = self._step(batch)
         if not torch.isfinite(loss):
-            raise FloatingPointError(
+            # raised before backward and the optimiser step: nothing is saved from this state
+            raise TrainingDiverged(
                 f"non-finite training loss ({loss.item()}) at global step {self.global_step}, epoch "
-                f"{self.current_epoch}; the last good checkpoint is kept. Lower optimizer.lr or use "
-                "trainer.precision=32 / bf16-mixed.")
+                f"{self.current_epoch}; the last good checkpoint is kept. Lower the learning rate "
+                "(scratch.lr), clip gradients (trainer.gradient_clip_val=1.0) or use trainer.precision=32 / "
+                "bf16-mixed.")
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(batch["names"]))
         return loss
 

@@ -18,11 +18,12 @@ import lightning as L
 import torch
 from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_only
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from polypsam.config import (CONF_DIR, datamodule_from_cfg, derive_accumulation, device_count,
                              embedding_cache_from_cfg, model_from_cfg)
 from polypsam.errors import PolypSamError
+from polypsam.faults import describe_failure, resolve_ckpt_path, resume_argv, with_atomic_checkpoints
 from polypsam.models.freeze import freeze_strategy, parameter_counts
 from polypsam.module import PolypSAMModule
 
@@ -56,6 +57,13 @@ def train(cfg: DictConfig) -> dict:
     """One training run in the current process (or as one DDP rank); returns the run's results."""
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    # resuming: a checked checkpoint file (a run dir or "last" resolved) and the run's own split
+    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), out, cfg.model.name)
+    if ckpt_path is not None:
+        with open_dict(cfg):
+            cfg.ckpt_path = ckpt_path
+            if not cfg.data.get("split_file") and (out / "split.json").is_file():
+                cfg.data.split_file = str(out / "split.json")
     L.seed_everything(cfg.seed, workers=True)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     if rank_zero_only.rank == 0:
@@ -64,7 +72,9 @@ def train(cfg: DictConfig) -> dict:
     net = model_from_cfg(cfg.model)
     frozen = freeze_strategy(net, cfg.strategy.freeze, cfg.strategy.get("freeze_box_unused", True))
     cache = embedding_cache_from_cfg(cfg, net)
-    dm = datamodule_from_cfg(cfg, image_size=net.spec.image_size, embedding_cache=cache, output_dir=str(out),
+    # split.json and data_report.json are run files, written by global rank 0 only ("" = none)
+    dm = datamodule_from_cfg(cfg, image_size=net.spec.image_size, embedding_cache=cache,
+                             output_dir=str(out) if rank_zero_only.rank == 0 else "",
                              resize_method=net.spec.resize_method)
 
     devices = device_count(cfg.trainer.devices, cfg.trainer.accelerator)
@@ -80,8 +90,10 @@ def train(cfg: DictConfig) -> dict:
                             run_config=resolved, **OmegaConf.to_container(cfg.optimizer, resolve=True))
     callbacks = _instantiate_dict(cfg.get("callbacks"))
     loggers = _instantiate_dict(cfg.get("logger"))
+    # checkpoints are written atomically: a kill during a save keeps the previous last.ckpt
+    plugins = with_atomic_checkpoints([instantiate(p) for p in (cfg.trainer.get("plugins") or [])])
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers,
-                                     accumulate_grad_batches=accum)
+                                     accumulate_grad_batches=accum, plugins=plugins)
     for lg in trainer.loggers:
         lg.log_hyperparams({"params": counts, "frozen_modules": frozen, "accumulate_grad_batches": accum,
                             "effective_batch_size": effective, "config": resolved})
@@ -108,11 +120,16 @@ def train(cfg: DictConfig) -> dict:
     results["best_val_dice"] = float(ckpt_cb.best_model_score) if ckpt_cb is not None and \
         ckpt_cb.best_model_score is not None else None
     results["epochs"] = trainer.current_epoch
-    if cfg.get("test_after_training") and best:
-        dm.setup("test")
-        if dm.test_sets:
-            tested = trainer.test(module, datamodule=dm, ckpt_path=best, verbose=False)
-            results["test"] = {k: v for d in tested for k, v in d.items()}
+    if cfg.get("test_after_training") and best and rank_zero_only.rank == 0:
+        # the full evaluation (polypsam.evaluate) of the best checkpoint, on one process: per-image metrics,
+        # tables, masks and figures in <run>/eval/; no DistributedSampler duplicates to remove
+        from polypsam.data.files import find_test_sets
+        from polypsam.evaluate import evaluate_after_training
+
+        if find_test_sets(cfg.data.root):
+            evaluated = evaluate_after_training(cfg, best, out / "eval", trainer)
+            results["test"] = evaluated.test_metrics()
+            results["eval_dir"] = str(evaluated.out_dir)
     if rank_zero_only.rank == 0:
         results["data"] = dm.report
         (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
@@ -126,16 +143,30 @@ def train(cfg: DictConfig) -> dict:
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
-def main(cfg: DictConfig) -> float | None:
+def _hydra_main(cfg: DictConfig) -> float | None:
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     try:
         from polypsam.launch import run_maybe_distributed
 
         results = run_maybe_distributed(train, cfg)
+    except BaseException as exc:  # data errors, divergence, out of memory, SIGTERM: one line, no traceback
+        failure = describe_failure(exc, cfg)
+        if failure is None:
+            raise
+        print(failure.line, file=sys.stderr, flush=True)
+        sys.exit(failure.code)
+    return (results or {}).get("best_val_dice")
+
+
+def main() -> float | None:
+    """``resume=<run dir>`` / ``ckpt_path=last`` are turned into the run's own config and folder before Hydra
+    starts (Hydra would otherwise open a new run directory); see ``polypsam.faults.resume_argv``."""
+    try:
+        sys.argv = resume_argv(sys.argv)
     except PolypSamError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
-    return (results or {}).get("best_val_dice")
+    return _hydra_main()
 
 
 if __name__ == "__main__":

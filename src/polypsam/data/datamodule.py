@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader
 from polypsam.data.dataset import BoxPrompt, PolypDataset, Record, collate
 from polypsam.data.embedding_cache import EmbeddingCache, file_digest
 from polypsam.data.files import find_pairs, find_test_sets
+from polypsam.data.image_cache import ImageCache
 from polypsam.data.io import image_size as header_size
 from polypsam.data.io import read_mask
 from polypsam.data.splits import make_split, read_split, write_split
@@ -45,7 +46,8 @@ class PolypDataModule(L.LightningDataModule):
                  eval_batch_size: int | None = None, num_workers: int = 2, box: dict | None = None,
                  augment: list | None = None, limit_train: int | None = None, limit_val: int | None = None,
                  limit_test: int | None = None, embedding_cache: EmbeddingCache | None = None,
-                 pin_memory: bool = False, resize_method: str = "pil_bilinear"):
+                 pin_memory: bool = False, resize_method: str = "pil_bilinear",
+                 image_cache: ImageCache | None = None):
         super().__init__()
         self.root = Path(root).expanduser()
         self.train_dirs = list(train_dirs)
@@ -71,6 +73,7 @@ class PolypDataModule(L.LightningDataModule):
                               "data.embedding_cache.enabled=false).")
         self.limits = {"train": limit_train, "val": limit_val, "test": limit_test}
         self.embedding_cache = embedding_cache
+        self.image_cache = image_cache  # bypassed by PolypDataset for the augmented training set
         self.pin_memory = pin_memory
         self.report: dict = {}
         self.train_set = self.val_set = None
@@ -110,9 +113,10 @@ class PolypDataModule(L.LightningDataModule):
             sets[part] = recs
         self.train_set = PolypDataset(sets["train"], self.image_size, self.box, train=True,
                                       augment=self.augment, embedding_cache=self.embedding_cache,
-                                      resize_method=self.resize_method)
+                                      resize_method=self.resize_method, image_cache=self.image_cache)
         self.val_set = PolypDataset(sets["val"], self.image_size, self.eval_box,
-                                    embedding_cache=self.embedding_cache, resize_method=self.resize_method)
+                                    embedding_cache=self.embedding_cache, resize_method=self.resize_method,
+                                    image_cache=self.image_cache)
         self._write_report()
 
     def _checked(self, recs: list[Record]) -> tuple[list[Record], list[str]]:
@@ -127,7 +131,7 @@ class PolypDataModule(L.LightningDataModule):
             if not mask.any():
                 skipped.append(r.relpath)
                 continue
-            if self.embedding_cache is not None:
+            if self.embedding_cache is not None or self.image_cache is not None:
                 r.key = file_digest(r.image)
             keep.append(r)
         return keep, skipped
@@ -143,12 +147,12 @@ class PolypDataModule(L.LightningDataModule):
             chosen = {r.relpath for r in recs}
             chosen = set(_subsample(sorted(chosen), self.limits["test"], self.split_seed + 2))
             recs = [r for r in recs if r.relpath in chosen]
-            if self.embedding_cache is not None:
+            if self.embedding_cache is not None or self.image_cache is not None:
                 for r in recs:
                     r.key = file_digest(r.image)
             self.test_sets[n] = PolypDataset(recs, self.image_size, self.eval_box,
                                              embedding_cache=self.embedding_cache,
-                                             resize_method=self.resize_method)
+                                             resize_method=self.resize_method, image_cache=self.image_cache)
 
     def _write_report(self) -> None:
         if self.output_dir is None:

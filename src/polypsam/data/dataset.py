@@ -11,7 +11,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from polypsam.data.embedding_cache import EmbeddingCache
+from polypsam.data.embedding_cache import EmbeddingCache, file_digest
+from polypsam.data.image_cache import ImageCache
 from polypsam.data.io import read_image, read_mask
 from polypsam.data.transforms import (Resize, box_from_mask, boxes_per_component, boxes_to_input, jitter_boxes,
                                       resize_image, resize_mask, resized_hw)
@@ -59,12 +60,13 @@ class PolypDataset(Dataset):
     """Samples as SAM sees them: uint8 image on a square canvas, mask, boxes in the input frame.
 
     Normalisation happens on the device (``PromptableSAM.normalize``) so that workers ship uint8.
-    When an embedding cache holds the image's embedding, the image is not decoded at all.
+    When an embedding cache holds the image's embedding, the image is not decoded at all; else an
+    image cache, if given, serves it already resized (not to augmented sets: see ``__init__``).
     """
 
     def __init__(self, records: list[Record], image_size: int, box: BoxPrompt, train: bool = False,
                  augment=None, embedding_cache: EmbeddingCache | None = None,
-                 resize_method: str = "pil_bilinear"):
+                 resize_method: str = "pil_bilinear", image_cache: ImageCache | None = None):
         self.records = records
         self.image_size = image_size
         self.resize_method = resize_method
@@ -72,6 +74,15 @@ class PolypDataset(Dataset):
         self.train = train
         self.augment = augment
         self.cache = embedding_cache
+        if image_cache is not None and (image_cache.image_size, image_cache.resize_method) != (
+                image_size, resize_method):
+            raise ValueError(f"{image_cache}: an image cache of {image_cache.image_size} px "
+                             f"{image_cache.resize_method} for a dataset of {image_size} px {resize_method}")
+        if image_cache is not None and augment is not None:
+            log.info("data.image_cache bypassed for %d augmented images: augmentation works on the "
+                     "full-resolution image, so each is decoded and resized every epoch", len(records))
+            image_cache = None
+        self.image_cache = image_cache
 
     def __len__(self) -> int:
         return len(self.records)
@@ -86,8 +97,10 @@ class PolypDataset(Dataset):
         rec = self.records[i]
         mask = read_mask(rec.mask)
         emb = self.cache.load(rec.key) if (self.cache is not None and rec.key) else None
-        image = None
-        if emb is None:
+        canvas = None
+        if emb is None and self.image_cache is not None:
+            canvas, rz = self._cached_canvas(rec, mask.shape)
+        if emb is None and canvas is None:
             image = read_image(rec.image)
             if image.shape[:2] != mask.shape:
                 raise DataError(f"{rec.mask}: mask is {mask.shape[1]}x{mask.shape[0]} but its image {rec.image} is "
@@ -95,7 +108,9 @@ class PolypDataset(Dataset):
             if self.augment is not None:
                 image, mask = self._augment(image, mask, rec)
             canvas, rz = resize_image(image, self.image_size, self.resize_method)
-        else:
+            if self.image_cache is not None:
+                self.image_cache.save(self._key(rec), canvas[:rz.input_hw[0], :rz.input_hw[1]])
+        elif emb is not None:
             h, w = mask.shape
             rz = Resize((h, w), resized_hw(h, w, self.image_size), self.image_size)
         boxes = self.box.boxes(mask, self._rng())
@@ -117,6 +132,22 @@ class PolypDataset(Dataset):
         else:
             item["image"] = torch.from_numpy(canvas).permute(2, 0, 1).contiguous()
         return item
+
+    @staticmethod
+    def _key(rec: Record) -> str:
+        if not rec.key:  # the data module keys records up front; a bare dataset hashes on first use
+            rec.key = file_digest(rec.image)
+        return rec.key
+
+    def _cached_canvas(self, rec: Record, hw: tuple[int, int]) -> tuple[np.ndarray | None, Resize | None]:
+        """The padded canvas from the image cache, or (None, None) on a miss."""
+        rz = Resize(tuple(hw), resized_hw(*hw, self.image_size), self.image_size)
+        region = self.image_cache.load(self._key(rec), rz.input_hw)
+        if region is None:
+            return None, None
+        canvas = np.zeros((self.image_size, self.image_size, 3), np.uint8)
+        canvas[:rz.input_hw[0], :rz.input_hw[1]] = region
+        return canvas, rz
 
     def _augment(self, image, mask, rec):
         self.augment.set_random_seed(int(torch.randint(0, 2**31 - 1, (1,)).item()))

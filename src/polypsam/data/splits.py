@@ -7,6 +7,7 @@ that must be compared can be pointed at the same file (``data.split_file=...``).
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +36,7 @@ def write_split(path: str | Path, split: dict[str, list[str]], **meta) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     doc = {"version": SPLIT_VERSION, **meta, "counts": {k: len(v) for k, v in split.items()},
            "train": split["train"], "val": split["val"]}
-    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp = path.with_suffix(f"{path.suffix}.{os.getpid()}.tmp")  # unique per writer, then an atomic rename
     tmp.write_text(json.dumps(doc, indent=1))
     tmp.replace(path)
     return path

@@ -48,8 +48,14 @@ def get_spec(name: str) -> ModelSpec:
 
 
 def build_model(name: str, pretrained: bool = True, checkpoint_dir: str | Path | None = None,
-                attention: str = "sdpa", gradient_checkpointing: bool = False) -> PromptableSAM:
-    """Build a registered model; ``pretrained=False`` skips weight loading (weights come from a ckpt)."""
+                attention: str = "sdpa", gradient_checkpointing: bool = False, compile: bool = False
+                ) -> PromptableSAM:
+    """Build a registered model; ``pretrained=False`` skips weight loading (weights come from a ckpt).
+
+    ``compile=True`` wraps the image encoder's forward in ``torch.compile`` in place
+    (``nn.Module.compile``): parameters and state_dict keys are unchanged, so checkpoints and the
+    embedding-cache fingerprint are too. Compilation happens on the first forward.
+    """
     get_spec(name)
     net = _BUILDERS[name](pretrained=pretrained, checkpoint_dir=checkpoint_dir)
     if attention not in ("sdpa", "stock"):
@@ -62,6 +68,10 @@ def build_model(name: str, pretrained: bool = True, checkpoint_dir: str | Path |
         if gradient_checkpointing:
             if attn.enable_gradient_checkpointing(net.image_encoder) == 0:
                 raise ConfigError(f"model.gradient_checkpointing=true: {name} has no ViT blocks to checkpoint.")
+    if compile not in (True, False):
+        raise ConfigError(f"model.compile={compile!r}: choose true or false.")
+    if compile:
+        net.image_encoder.compile()
     return net
 
 

@@ -1,0 +1,93 @@
+"""``python -m polypsam.compare <run or eval dir>... [--out DIR] [--metric dice|mean_dice|row_dice]``.
+
+Merges evaluations into one table, a row per run (backbone x strategy x split x prompt) and the test sets as
+columns with DSC / mIoU sub-columns, written as Markdown and CSV. This is how the paper's Tables 1 to 3 come
+out of a sweep: Table 1 (backbone x strategy) and Table 3 (training data) are rows of the same table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import pandas as pd
+
+from polypsam import reporting as rep
+from polypsam.errors import PolypSamError
+
+
+def compare(paths: Sequence[str | Path], metric: str = "dice") -> pd.DataFrame:
+    """A row per evaluation: identity columns, then ``<set> DSC`` / ``<set> mIoU``, the mean over sets."""
+    if metric not in rep.PAIRS:
+        raise ValueError(f"--metric {metric!r}: choose one of {', '.join(rep.PAIRS)}.")
+    if not paths:
+        raise ValueError("give at least one run or evaluation directory.")
+    dkey, ikey = rep.PAIRS[metric]
+    evals = [rep.load_evaluation(p) for p in paths]
+    sets = rep.ordered_sets([s for e in evals for s in e["summary"]["dataset"].astype(str)])
+    rows = []
+    for e in evals:
+        m = e["meta"]
+        by = rep.summary_rows_by_set(e["summary"])
+        row = {"run": e["dir"].parent.name if e["dir"].name == "eval" else e["dir"].name,
+               "backbone": m.get("model"), "strategy": m.get("strategy"), "split": m.get("split"),
+               "prompt": m.get("prompt", {}).get("mode"), "images": m.get("n_images"),
+               "unreadable": m.get("n_unreadable")}
+        for s in sets:
+            row[f"{s} DSC"] = by[s][dkey] if s in by else None
+            row[f"{s} mIoU"] = by[s][ikey] if s in by else None
+        vals = [by[s][dkey] for s in sets if s in by]
+        row["mean DSC"] = sum(vals) / len(vals) if vals else None
+        row["eval_dir"] = str(e["dir"])
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def to_markdown(table: pd.DataFrame, metric: str = "dice") -> str:
+    sets = [c[: -len(" DSC")] for c in table.columns if c.endswith(" DSC") and c != "mean DSC"]
+    ident = ["run", "backbone", "strategy", "split", "prompt"]
+    headers = ident + [h for s in sets for h in (rep.SHORT_NAMES.get(s, s), "")] + ["mean DSC"]
+    sub = [""] * len(ident) + ["DSC", "mIoU"] * len(sets) + [""]
+    rows = [sub]
+    for r in table.to_dict("records"):
+        cells = [str(r[c]) for c in ident]
+        for s in sets:
+            cells += ["–" if pd.isna(r[k]) else rep.fmt(r[k]) for k in (f"{s} DSC", f"{s} mIoU")]
+        rows.append(cells + [rep.fmt(r["mean DSC"])])
+    note = {"dice": "per-image Dice/IoU at threshold 0.5", "mean_dice": "toolbox mDice/mIoU (256 thresholds)",
+            "row_dice": "Polyp-SAM compatibility: MONAI per-row Dice/IoU"}[metric]
+    return (markdown_table_with_align(headers, rows, len(ident))
+            + f"\n\nMetric: {note}; mean over images of each set. `–`: set not evaluated in that run.\n")
+
+
+def markdown_table_with_align(headers, rows, n_left: int) -> str:
+    return rep.markdown_table(headers, rows, align=["l"] * n_left + ["r"] * (len(headers) - n_left))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m polypsam.compare", description=__doc__.split("\n\n")[1])
+    ap.add_argument("runs", nargs="+", help="training run directories (with eval/) or evaluation directories")
+    ap.add_argument("--out", help="folder for compare.md and compare.csv (default: print the Markdown only)")
+    ap.add_argument("--metric", default="dice", choices=sorted(rep.PAIRS),
+                    help="dice: per-image @0.5 (default); mean_dice: toolbox; row_dice: Polyp-SAM compat")
+    args = ap.parse_args(argv)
+    try:
+        table = compare(args.runs, args.metric)
+    except (PolypSamError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    md = to_markdown(table, args.metric)
+    print(md)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "compare.md").write_text(md)
+        table.to_csv(out / "compare.csv", index=False)
+        print(f"wrote {out / 'compare.md'} and {out / 'compare.csv'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,71 @@
+"""The benchmark scripts run end to end at their smallest size and report what they measured."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BENCH = REPO / "benchmarks"
+
+
+def _run(script: str, *args: str, timeout: int = 120) -> str:
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "NO_ALBUMENTATIONS_UPDATE": "1", "COLUMNS": "220"}
+    proc = subprocess.run([sys.executable, str(BENCH / script), "--smoke", *args], cwd=REPO, env=env, check=False,
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_train_throughput_smoke(real_root, tmp_path):
+    md, js = tmp_path / "RESULTS.md", tmp_path / "train.json"
+    md.write_text("# notes kept by hand\n\n<!-- BEGIN train_throughput cpu -->\nold figures\n"
+                  "<!-- END train_throughput cpu -->\n\ntext after the block\n")
+    out = _run("train_throughput.py", "--results", str(md), "--json", str(js), "--data-root", str(real_root))
+    for col in ("img/s", "peak MiB", "speed x stock", "model GFLOP/img", "MFU"):
+        assert col in out
+    res = json.loads(js.read_text())
+    labels = [c["label"] for c in res["cases"]]
+    assert labels == ["tiny enc_dec stock", "tiny enc_dec sdpa", "tiny enc_dec sdpa ckpt",
+                      "tiny dec recompute enc sdpa", "tiny dec cached emb"]
+    for lab in labels:
+        assert lab in out
+    cases = {c["label"]: c for c in res["cases"]}
+    assert all(c["error"] is None and c["images_per_s"] > 0 and c["counted_gflop_per_img"] > 0
+               for c in res["cases"])
+    # model FLOPs: the stock path's count, shared by attention/checkpointing variants of a strategy
+    stock = cases["tiny enc_dec stock"]["model_gflop_per_img"]
+    assert cases["tiny enc_dec sdpa ckpt"]["model_gflop_per_img"] == stock
+    # checkpointing recomputes the encoder forward in backward: more FLOPs executed than the model needs
+    assert cases["tiny enc_dec sdpa ckpt"]["counted_gflop_per_img"] > cases["tiny enc_dec sdpa"]["counted_gflop_per_img"]
+    # a decoder-only step does less work than one that also runs the encoder
+    assert cases["tiny dec cached emb"]["model_gflop_per_img"] < cases["tiny dec recompute enc sdpa"]["model_gflop_per_img"] < stock
+    assert res["device"]["kind"] == "cpu" and res["device"]["peak_gflops"] > 0
+    ep = res["epoch"]
+    assert set(ep["seconds"]) == {"recompute", "cache_cold", "cache_warm"} and ep["cache_entries"] == ep["images"]
+    assert "speed-up over recomputing" in out
+    text = md.read_text()  # the block is replaced, what surrounds it is kept
+    assert text.startswith("# notes kept by hand") and text.rstrip().endswith("text after the block")
+    assert "old figures" not in text and text.count("<!-- BEGIN train_throughput cpu -->") == 1
+    assert "tiny dec cached emb" in text and "Speed-up of a cached epoch" in text
+
+
+def test_data_throughput_smoke(real_root, tmp_path):
+    js = tmp_path / "data.json"
+    out = _run("data_throughput.py", "--json", str(js), "--data-root", str(real_root))
+    for col in ("decode img/s", "image cache warm img/s", "embedding cache warm img/s"):
+        assert col in out
+    (row,) = json.loads(js.read_text())["rows"]
+    assert row["images"] == 8 and row["workers"] == 0 and row["size"] == 64
+    assert all(v > 0 for v in row["images_per_s"].values())
+    assert row["image_cache_mib_per_image"] > 0 and row["embedding_cache_mib_per_image"] == pytest.approx(2.0, 0.01)
+
+
+def test_missing_data_root_is_a_clear_error(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "NO_ALBUMENTATIONS_UPDATE": "1"}
+    proc = subprocess.run([sys.executable, str(BENCH / "data_throughput.py"), "--smoke", "--data-root",
+                           str(tmp_path)], env=env, check=False, capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0 and f"{tmp_path}: no TrainDataset folder" in proc.stderr
