@@ -19,8 +19,9 @@ import yaml
 from hydra import compose, initialize_config_dir
 
 from polypsam.config import CONF_DIR
-from polypsam.errors import CheckpointError, ConfigError
-from polypsam.faults import TrainingDiverged, describe_failure, oom_message, resume_argv
+from polypsam.errors import CheckpointError, ConfigError, PolypSamError
+from polypsam.faults import (EpochShuffleSampler, TrainingDiverged, describe_failure, oom_message,
+                             resume_argv)
 from polypsam.train import train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -211,6 +212,29 @@ def test_oom_message_lists_only_knobs_not_yet_used():
     assert msg.startswith("out of memory while starting on gpu (CUDA error: out of memory).")
     assert "data.batch_size=4 (now 8; gradient accumulation keeps the effective batch of 48)" in msg
     assert "gradient_checkpointing" not in msg and "precision" not in msg and "strategy=dec" not in msg
+    # a DDP rank killed by a signal is reported as such, not as out of memory
+    killed = PolypSamError("rank 0 of 2 exited with code -9 (SIGKILL); killed (out of memory?) or crashed")
+    assert describe_failure(killed, cfg).line.startswith("error: rank 0 of 2 exited")
+    oom_rank = PolypSamError("rank 1 of 2 failed: OutOfMemoryError: CUDA out of memory. Tried to allocate 8 GiB")
+    assert describe_failure(oom_rank, cfg).line.startswith("error: out of memory while starting on gpu")
+
+
+def test_epoch_order_is_seeded_split_across_ranks_and_resumable():
+    one = EpochShuffleSampler(11, seed=42)
+    one.set_epoch(2)
+    full = list(one)
+    assert sorted(full) == list(range(11)) and full == list(one)  # a permutation, the same every time
+    one.set_epoch(3)
+    assert list(one) != full
+    ranks = [EpochShuffleSampler(11, seed=42, num_replicas=2, rank=r) for r in (0, 1)]
+    for r in ranks:
+        r.set_epoch(2)
+    shares = [list(r) for r in ranks]
+    assert [len(x) for x in shares] == [6, 6] and set(shares[0] + shares[1]) == set(range(11))
+    assert shares[0][:5] == full[0:10:2] and shares[1][:5] == full[1:11:2]  # padded like DistributedSampler
+    ranks[1].resume_at(2, 4)  # rank 1 had trained on 4 samples of epoch 2
+    ranks[1].set_epoch(2)  # Lightning sets the epoch again before iterating: the skip stays
+    assert list(ranks[1]) == shares[1][4:] and list(ranks[1]) == shares[1]  # one-off skip
 
 
 def test_resume_arguments_and_their_errors(work, baseline, tmp_path):

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from torch.utils.data import DataLoader, RandomSampler, Sampler
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 
 from polypsam.errors import CheckpointError, ConfigError, PolypSamError
 
@@ -133,38 +133,42 @@ def resolve_ckpt_path(ckpt_path: str | None, output_dir: str | Path, model_name:
 # -- the training order -------------------------------------------------------------------------------------
 
 
-class EpochShuffleSampler(Sampler[int]):
-    """A shuffle that depends only on (seed, epoch), with a one-off skip for a resumed epoch.
+class EpochShuffleSampler(DistributedSampler):
+    """A shuffle that depends only on (seed, epoch), split across ranks, with a one-off skip for a
+    resumed epoch.
 
     torch's ``RandomSampler`` draws its permutation from the global RNG, whose state a checkpoint does not
-    hold, so a resumed run would see another order. ``trainer`` (optional) supplies the epoch where
-    Lightning's ``set_epoch`` does not reach this sampler (wrapped by a DistributedSampler under DDP).
+    hold, so a resumed run would see another order. Each rank takes every ``num_replicas``-th index of the
+    padded permutation, as torch's DistributedSampler does; being one, it is used as it is under DDP
+    (Lightning would otherwise wrap it, and the wrapper cannot skip). On one process it is a plain shuffle.
     """
 
-    def __init__(self, num_samples: int, seed: int, trainer: L.Trainer | None = None):
-        self.num_samples = int(num_samples)
-        self.seed = int(seed)
-        self.epoch = 0
-        self.trainer = trainer
-        self._resume: tuple[int, int] | None = None  # (epoch, samples already trained on)
+    def __init__(self, dataset_len: int, seed: int, num_replicas: int = 1, rank: int = 0):
+        super().__init__(range(int(dataset_len)), num_replicas=num_replicas, rank=rank, shuffle=True,
+                         seed=int(seed), drop_last=False)
+        self._resume: tuple[int, int] | None = None  # (epoch, samples of this rank already trained on)
 
-    def set_epoch(self, epoch: int) -> None:
+    def resume_at(self, epoch: int, rank_samples_done: int) -> None:
         self.epoch = int(epoch)
+        self._resume = (int(epoch), int(rank_samples_done))
 
-    def resume_at(self, epoch: int, samples_done: int) -> None:
-        self.epoch = int(epoch)
-        self._resume = (int(epoch), int(samples_done))
-
-    def order(self, epoch: int) -> np.ndarray:
-        return np.random.default_rng([self.seed, int(epoch)]).permutation(self.num_samples)
+    def order(self, epoch: int) -> list[int]:
+        """This rank's indices for ``epoch``: every num_replicas-th of the permutation padded to equal shares."""
+        n = len(self.dataset)
+        perm = np.random.default_rng([self.seed, int(epoch)]).permutation(n).tolist()
+        while len(perm) < self.total_size:
+            perm += perm[: self.total_size - len(perm)]
+        return perm[self.rank:self.total_size:self.num_replicas]
 
     def __iter__(self):
-        epoch = max(self.epoch, self.trainer.current_epoch if self.trainer is not None else 0)
-        skip = 0
-        if self._resume is not None and self._resume[0] == epoch:
-            skip = self._resume[1]
+        skip = self._resume[1] if self._resume is not None and self._resume[0] == self.epoch else 0
         self._resume = None
-        return iter(self.order(epoch)[skip:].tolist())
+        return iter(self.order(self.epoch)[skip:])
+
+    def set_epoch(self, epoch: int) -> None:
+        if int(epoch) != self.epoch:  # Lightning sets the resumed epoch again: keep its pending skip
+            self._resume = None
+        self.epoch = int(epoch)
 
     def __len__(self) -> int:
         return self.num_samples  # Lightning counts a resumed epoch's batches from where it stopped
@@ -203,7 +207,8 @@ class ResumableOrder(L.Callback):
         if not isinstance(dl, DataLoader) or not isinstance(dl.sampler, RandomSampler) or dl.batch_size is None:
             log.warning("training loader has no plain shuffle; a mid-epoch resume restarts the epoch's order")
             return dl
-        self.sampler = EpochShuffleSampler(len(dl.dataset), self.seed, self._trainer)
+        t = self._trainer
+        self.sampler = EpochShuffleSampler(len(dl.dataset), self.seed, num_replicas=t.world_size, rank=t.global_rank)
         self._batch_size = dl.batch_size
         if self._pending is not None:
             self.sampler.resume_at(*self._pending)
@@ -224,7 +229,8 @@ class ResumableOrder(L.Callback):
         epoch = t.current_epoch
         if done >= t.num_training_batches:  # saved at the end of an epoch: the next one starts afresh
             epoch, done = epoch + 1, 0
-        return {"seed": self.seed, "epoch": int(epoch), "samples": int(done * self._batch_size * t.world_size)}
+        return {"seed": self.seed, "epoch": int(epoch), "rank_samples": int(done * self._batch_size),
+                "world_size": int(t.world_size)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if not state_dict:
@@ -232,7 +238,11 @@ class ResumableOrder(L.Callback):
         if int(state_dict.get("seed", self.seed)) != self.seed:
             log.warning("resuming with seed %s, checkpoint has %s: the data order changes", self.seed,
                         state_dict.get("seed"))
-        self._pending = (int(state_dict["epoch"]), int(state_dict["samples"]))
+        world = self._trainer.world_size if self._trainer is not None else 1
+        if int(state_dict.get("world_size", world)) != world:
+            log.warning("resuming on %s processes, the checkpoint was saved on %s: the resumed epoch's order "
+                        "differs from an uninterrupted run's", world, state_dict.get("world_size"))
+        self._pending = (int(state_dict["epoch"]), int(state_dict.get("rank_samples", 0)))
         if self.sampler is not None:
             self.sampler.resume_at(*self._pending)
             self._pending = None
@@ -369,8 +379,13 @@ class FaultGuard(L.Callback):
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
-    return isinstance(exc, torch.OutOfMemoryError) or (
-        isinstance(exc, (RuntimeError, PolypSamError)) and "out of memory" in str(exc).lower())
+    """torch's OutOfMemoryError, a RuntimeError saying so (older torch, other backends), or a DDP rank's
+    report of one; a rank killed by a signal is not assumed to be out of memory."""
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
+    if isinstance(exc, PolypSamError):
+        return "OutOfMemoryError" in str(exc) or "CUDA out of memory" in str(exc)
+    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
 
 
 def oom_message(cfg, exc: BaseException, step: int | None = None) -> str:
@@ -378,8 +393,10 @@ def oom_message(cfg, exc: BaseException, step: int | None = None) -> str:
     bs = int(cfg.data.batch_size)
     eff = cfg.data.get("effective_batch_size")
     precision = str(cfg.trainer.get("precision", "32"))
-    knobs = [f"data.batch_size={max(1, bs // 2)} (now {bs}; gradient accumulation keeps the effective batch"
-             f"{f' of {eff}' if eff else ''})"]
+    knobs = []
+    if bs > 1:
+        knobs.append(f"data.batch_size={bs // 2} (now {bs}; gradient accumulation keeps the effective batch"
+                     f"{f' of {eff}' if eff else ''})")
     if not cfg.model.get("gradient_checkpointing", False):
         knobs.append("model.gradient_checkpointing=true (recompute encoder activations in the backward pass)")
     if precision in ("32", "32-true", "64", "64-true"):
@@ -388,8 +405,10 @@ def oom_message(cfg, exc: BaseException, step: int | None = None) -> str:
         knobs.append("strategy=dec (frozen encoder: no encoder gradients or optimiser state)")
     where = f"at global step {step}" if step is not None else "while starting"
     first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
-    return (f"out of memory {where} on {cfg.trainer.get('accelerator', 'auto')} ({first}). Settings that reduce "
-            f"memory: {'; '.join(knobs)}.")
+    advice = (f"Settings that reduce memory: {'; '.join(knobs)}." if knobs else
+              "batch size 1, checkpointing, low precision and a frozen encoder are all in use already: use a "
+              "smaller model (model=vit_b or lite) or a device with more memory.")
+    return f"out of memory {where} on {cfg.trainer.get('accelerator', 'auto')} ({first}). {advice}"
 
 
 _WRAPPED = re.compile(r"^(?:[\w.]+\.)?(\w+(?:Error|Exception)): (.*)$")
