@@ -17,9 +17,9 @@ the same model and strategy, so recomputation (checkpointing) and the zero colum
 relative-position bias adds are not counted as useful work. Peak: the GPU's dense bf16 (or V100 fp16)
 tensor-core figure; on a CPU, a measured fp32 GEMM rate (so CPU "MFU" is relative to that).
 
-Peak memory: CUDA ``max_memory_allocated`` over the timed steps; CPU: the process's peak resident set
-(VmHWM, reset through /proc/self/clear_refs) above its size before the model was built, with glibc
-told to mmap every large block so that freed tensors leave the resident set at once.
+Peak memory: CUDA ``max_memory_allocated`` over the timed steps. CPU: each case runs in a forked child
+process, so that no case inherits another's freed heap; its peak is the child's peak resident set (VmHWM,
+reset through /proc/self/clear_refs) above its size before the model was built.
 
 Results are printed as a table and written into benchmarks/RESULTS.md between markers named after
 this script and the device kind (cpu / cuda), so CPU and GPU figures live side by side.
@@ -27,20 +27,14 @@ this script and the device kind (cpu / cuda), so CPU and GPU figures live side b
 
 from __future__ import annotations
 
-import os
-import sys
-
-if __name__ == "__main__" and "MALLOC_MMAP_THRESHOLD_" not in os.environ and "--no-reexec" not in sys.argv:
-    # A fixed mmap threshold makes the resident set follow live tensors (peak-memory figures on CPU).
-    # Set before torch loads, hence the re-exec; harmless on GPU machines.
-    os.environ["MALLOC_MMAP_THRESHOLD_"] = "131072"
-    os.execv(sys.executable, [sys.executable, *sys.argv])
-
 import argparse
 import gc
 import json
+import os
+import pickle
 import re
 import statistics
+import sys
 import tempfile
 import time
 from contextlib import nullcontext
@@ -299,7 +293,8 @@ def _cleanup(device: torch.device) -> None:
 def run_case(case: Case, device: torch.device, steps: int, warmup: int, count_flops: bool = True) -> Result:
     res = Result(case)
     _cleanup(device)
-    base_rss = _proc_mib("VmRSS") if device.type == "cpu" else 0.0
+    cpu_peak = device.type == "cpu" and _reset_cpu_peak()
+    base_rss = _proc_mib("VmRSS") if cpu_peak else 0.0
     stepper = None
     try:
         stepper = Stepper(case, device)
@@ -314,9 +309,6 @@ def run_case(case: Case, device: torch.device, steps: int, warmup: int, count_fl
         res.warmup_s = time.perf_counter() - t0
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-            mem0 = 0.0
-        else:
-            mem0 = base_rss if _reset_cpu_peak() else None
         times = []
         t0 = time.perf_counter()
         for _ in range(steps):
@@ -335,8 +327,8 @@ def run_case(case: Case, device: torch.device, steps: int, warmup: int, count_fl
         res.images_per_s = case.batch / dt
         if device.type == "cuda":
             res.peak_mib = torch.cuda.max_memory_allocated(device) / 2**20
-        elif mem0 is not None:
-            res.peak_mib = max(0.0, _proc_mib("VmHWM") - mem0)
+        elif cpu_peak:
+            res.peak_mib = max(0.0, _proc_mib("VmHWM") - base_rss)
     except torch.OutOfMemoryError:
         res.error = "OOM"
     except Exception as exc:  # noqa: BLE001 - a benchmark row fails, the table goes on
@@ -345,6 +337,36 @@ def run_case(case: Case, device: torch.device, steps: int, warmup: int, count_fl
         del stepper
         _cleanup(device)
     return res
+
+
+def in_child(fn, *args):
+    """``fn(*args)`` in a forked process (CPU only): a clean heap for each case, nothing left behind.
+
+    The parent never runs torch with more than one thread, so there is no OpenMP pool to break by forking.
+    """
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child
+        os.close(r)
+        try:
+            payload = pickle.dumps(("ok", fn(*args)))
+        except BaseException as exc:  # noqa: BLE001 - reported by the parent
+            payload = pickle.dumps(("error", f"{type(exc).__name__}: {exc}"))
+        with os.fdopen(w, "wb") as f:
+            f.write(payload)
+        os._exit(0)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        data = f.read()
+    _, status = os.waitpid(pid, 0)
+    if not data:
+        return "error", f"child process died (wait status {status}; out of memory?)"
+    return pickle.loads(data)
+
+
+def _with_threads(threads: int, fn, *args):
+    torch.set_num_threads(threads)
+    return fn(*args)
 
 
 def count_model_flops(case: Case, device: torch.device) -> float | None:
@@ -415,7 +437,7 @@ def real_flops_rows(rows: list[dict]) -> list[list[str]]:
     return [[r["model"], str(r["input"])] + [f"{r[k]:.4g}" for k in keys] for r in rows]
 
 
-def fill_model_flops(results: list[Result], device: torch.device) -> None:
+def fill_model_flops(results: list[Result], device: torch.device, isolate: bool = False) -> None:
     by_group: dict = {}
     for r in results:
         if r.case.is_stock and r.counted_gflop_per_img:
@@ -423,7 +445,11 @@ def fill_model_flops(results: list[Result], device: torch.device) -> None:
     for r in results:
         g = r.case.group
         if g not in by_group:
-            by_group[g] = count_model_flops(r.case, device)
+            if isolate:
+                status, val = in_child(count_model_flops, r.case, device)
+                by_group[g] = val if status == "ok" else None
+            else:
+                by_group[g] = count_model_flops(r.case, device)
         r.model_gflop_per_img = by_group[g]
 
 
@@ -611,9 +637,9 @@ def parse_args(argv=None):
     p.add_argument("--epoch", default="auto", choices=["auto", "on", "off"],
                    help="decoder-only epochs from the embedding cache vs recomputing (auto: on for CPU)")
     p.add_argument("--epoch-model", default="lite")
-    p.add_argument("--epoch-images", type=int, default=4)
+    p.add_argument("--epoch-images", type=int, default=8)
     p.add_argument("--epoch-repeats", type=int, default=2)
-    p.add_argument("--epoch-batch", type=int, default=4)
+    p.add_argument("--epoch-batch", type=int, default=8, help="dec_lite trains with batch 8")
     p.add_argument("--data-root", default=os.environ.get("POLYPSAM_DATA_ROOT", str(DEFAULT_DATA)))
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads on CPU (default 1: on shared cores, OpenMP's spinning barriers made "
@@ -626,7 +652,6 @@ def parse_args(argv=None):
     p.add_argument("--filter", default=None, help="regular expression: run only the cases whose label matches")
     p.add_argument("--block", default=None, help="marker name of the block in the results file "
                                                  "(default: 'train_throughput <cpu|cuda>')")
-    p.add_argument("--no-reexec", action="store_true", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
@@ -634,34 +659,44 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     dev = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(dev)
-    if dev == "cpu" and args.threads:
-        torch.set_num_threads(args.threads)
-    torch.set_float32_matmul_precision("high")
     gpu = device.type == "cuda"
+    if not gpu:  # the parent stays single-threaded (see in_child); cases run with args.threads
+        torch.set_num_threads(1)
+    torch.set_float32_matmul_precision("high")
     steps = args.steps or (1 if args.smoke else 10 if gpu else 3)
     warmup = args.warmup if args.warmup is not None else (1 if args.smoke else 3 if gpu else 1)
     info = device_info(device)
     if not gpu:
-        info["peak_gflops"] = measure_cpu_peak_gflops(0.3 if args.smoke else 1.5)
+        info["threads"] = args.threads
+        status, peak = in_child(_with_threads, args.threads, measure_cpu_peak_gflops, 0.3 if args.smoke else 1.5)
+        if status != "ok":
+            raise RuntimeError(peak)
+        info["peak_gflops"] = peak
     peak_tflops = info.get("peak_tflops") if gpu else info["peak_gflops"] / 1e3
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     out: dict = {"device": info, "steps": steps, "warmup": warmup}
 
     results: list[Result] = []
     # One-off runtime allocations (kernel libraries, autograd's threads) land in the first case measured:
-    # a discarded tiny step takes them instead.
+    # a discarded tiny step takes them instead (in the parent, so every forked case starts with them).
     run_case(Case("tiny", batch=1), device, steps=1, warmup=1, count_flops=False)
+
+    def measure(case: Case, n: int, warm: int, count: bool = True) -> Result:
+        if gpu:
+            return run_case(case, device, n, warm, count)
+        status, res = in_child(_with_threads, args.threads, run_case, case, device, n, warm, count)
+        return res if status == "ok" else Result(case, error=res)
     if not args.no_matrix:
         for case in default_cases(dev, models, args.compile, args.smoke):
             if args.filter and not re.search(args.filter, case.label):
                 continue
             n = steps if (gpu or args.steps or not case.model.startswith("vit_l")) else 2  # CPU time budget
             print(f"... {case.label} (batch {case.batch}, {n} timed steps)", flush=True)
-            results.append(run_case(case, device, n, warmup))
+            results.append(measure(case, n, warmup))
             if args.json:  # as we go: a run cut short by a time limit keeps what it measured
                 Path(args.json).write_text(json.dumps({**out, "cases": [r.to_json() for r in results]},
                                                       indent=1, default=str))
-        fill_model_flops(results, device)
+        fill_model_flops(results, device, isolate=not gpu)
     head, rows = table_rows(results, peak_tflops)
     if results:
         print_table(f"training step, {info['name']}", head, rows)
@@ -672,7 +707,7 @@ def main(argv=None) -> dict:
         for ladder in probe_cases():
             for case in ladder:
                 print(f"... probe {case.label} batch {case.batch}", flush=True)
-                r = run_case(case, device, steps=3, warmup=1, count_flops=False)
+                r = measure(case, 3, 1, False)
                 probe_rows.append([case.label, str(case.batch), "fits" if not r.error else r.error,
                                    _fmt(r.images_per_s, ".3g"), _fmt(r.peak_mib and r.peak_mib / 1024, ".1f")])
                 out.setdefault("probes", []).append(r.to_json())
@@ -682,6 +717,8 @@ def main(argv=None) -> dict:
     elif args.probe:
         print("batch-size probes need a GPU: skipped")
 
+    if not gpu:  # no forks from here on: the parent may use every thread
+        torch.set_num_threads(args.threads)
     real = None
     if args.real_flops == "on" or (args.real_flops == "auto" and not gpu and not args.smoke):
         print("... model FLOPs at the real input sizes", flush=True)
@@ -724,8 +761,7 @@ def main(argv=None) -> dict:
 
 
 def _markdown(info, steps, warmup, head, rows, probe_rows, epoch, real=None) -> str:
-    cmd = "python benchmarks/train_throughput.py " + " ".join(
-        a for a in sys.argv[1:] if a != "--no-reexec")
+    cmd = "python benchmarks/train_throughput.py " + " ".join(sys.argv[1:])
     parts = [(f"Measured {info['date']} with `{cmd.strip()}` on: {describe(info)}. "
               f"{warmup} warm-up step(s) per case (the first counts FLOPs), then the timed steps in the table; "
               + ("img/s from the median step, spread = slowest / fastest step."

@@ -174,3 +174,17 @@ def test_boxes_come_from_the_augmented_mask(tmp_path):
     item = dm.train_set[0]
     assert item["boxes_original"].tolist() == [[38.0, 5.0, 47.0, 14.0]]  # mirrored: cols 38..47
     assert dm.val_set[0]["boxes_original"].tolist() == [[2.0, 5.0, 11.0, 14.0]]  # validation is not augmented
+
+
+def test_nonbinary_masks_are_thresholded_and_reported(tmp_path):
+    d = tmp_path / "TrainDataset"
+    for i in range(5):
+        _write(d, f"s{i}", ".png")
+    m = np.asarray(Image.open(d / "masks" / "s1.png")).copy()
+    m[0, :3] = 90  # JPEG-style artefacts below the threshold
+    Image.fromarray(m).save(d / "masks" / "s1.png")
+    dm = PolypDataModule(root=str(tmp_path), image_size=64, output_dir=str(tmp_path / "run"), val_fraction=0.2)
+    dm.setup("fit")
+    report = json.loads((tmp_path / "run" / "data_report.json").read_text())
+    merged = {**report["train"]["masks_thresholded"], **report["val"]["masks_thresholded"]}
+    assert merged == {"TrainDataset/images/s1.png": 3}

@@ -19,6 +19,8 @@ from polypsam.config import CONF_DIR
 from polypsam.errors import ConfigError
 from polypsam.launch import check_unused_parameters, run_maybe_distributed, world_plan
 
+pytestmark = pytest.mark.slow  # real data or several processes
+
 REPO = Path(__file__).resolve().parents[1]
 TINY_DDP = ["+experiment=tiny", "trainer.devices=2", "trainer.strategy=ddp", "trainer.accelerator=cpu"]
 

@@ -1,3 +1,4 @@
+import pytest
 """LiteMedSAM zero-shot with ground-truth boxes on real polyp images.
 
 This proves the real preprocessing (RGB, resize-longest-side, min-max, bottom-right pad), prompts and
@@ -12,6 +13,8 @@ from polypsam.data.io import read_mask
 from polypsam.data.transforms import Resize, to_original
 from polypsam.metrics import dice_iou
 from polypsam.models import build_model
+
+pytestmark = pytest.mark.slow  # real data or several processes
 
 
 def test_lite_zero_shot_dice_on_real_test_images(real_root):

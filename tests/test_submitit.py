@@ -18,6 +18,8 @@ from polypsam.config import CONF_DIR
 from polypsam.errors import ConfigError
 from polypsam.launch import run_maybe_distributed
 
+pytestmark = pytest.mark.slow  # real data or several processes
+
 REPO = Path(__file__).resolve().parents[1]
 
 

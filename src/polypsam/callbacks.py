@@ -75,6 +75,9 @@ class EpochTimer(L.Callback):
         self.durations: list[float] = []
         self._t0 = 0.0
 
+    def on_train_start(self, trainer, pl_module):
+        self._t0 = time.perf_counter()  # a resumed run restarts mid-epoch without on_train_epoch_start
+
     def on_train_epoch_start(self, trainer, pl_module):
         self._t0 = time.perf_counter()
 

@@ -16,7 +16,7 @@ from polypsam.data.embedding_cache import EmbeddingCache, file_digest
 from polypsam.data.files import find_pairs, find_test_sets
 from polypsam.data.image_cache import ImageCache
 from polypsam.data.io import image_size as header_size
-from polypsam.data.io import read_mask
+from polypsam.data.io import read_mask_report
 from polypsam.data.splits import make_split, read_split, write_split
 from polypsam.errors import ConfigError, DataError
 
@@ -104,7 +104,8 @@ class PolypDataModule(L.LightningDataModule):
         for part in ("train", "val"):
             chosen = _subsample(split[part], self.limits[part], self.split_seed + 1)
             recs, skipped = self._checked([by_rel[p] for p in chosen])
-            self.report[part] = {"images": len(chosen), "used": len(recs), "skipped_empty_mask": skipped}
+            self.report[part] = {"images": len(chosen), "used": len(recs), "skipped_empty_mask": skipped,
+                                 "masks_thresholded": dict(self._thresholded)}
             if skipped:
                 log.warning("%d %s images have an empty mask and give no box prompt: skipped (listed in "
                             "data_report.json)", len(skipped), part)
@@ -122,8 +123,12 @@ class PolypDataModule(L.LightningDataModule):
     def _checked(self, recs: list[Record]) -> tuple[list[Record], list[str]]:
         """Check sizes from file headers, drop empty masks (counted), key images for the cache."""
         keep, skipped = [], []
+        self._thresholded = {}
         for r in recs:
-            mask = read_mask(r.mask)
+            rep = read_mask_report(r.mask)
+            mask = rep.mask
+            if rep.nonbinary_pixels:  # values other than 0/255: thresholded at 127, reported
+                self._thresholded[r.relpath] = rep.nonbinary_pixels
             ih = header_size(r.image)
             if ih != mask.shape:
                 raise DataError(f"{r.mask}: mask is {mask.shape[1]}x{mask.shape[0]} but its image {r.image} is "
