@@ -1,4 +1,3 @@
-import pytest
 """LiteMedSAM zero-shot with ground-truth boxes on real polyp images.
 
 This proves the real preprocessing (RGB, resize-longest-side, min-max, bottom-right pad), prompts and
@@ -6,6 +5,7 @@ weights are wired right: it reaches ~0.95 when they are, far less when any of th
 """
 
 import numpy as np
+import pytest
 import torch
 
 from polypsam.data.datamodule import PolypDataModule

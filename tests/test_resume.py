@@ -20,8 +20,7 @@ from hydra import compose, initialize_config_dir
 
 from polypsam.config import CONF_DIR
 from polypsam.errors import CheckpointError, ConfigError, PolypSamError
-from polypsam.faults import (EpochShuffleSampler, TrainingDiverged, describe_failure, oom_message,
-                             resume_argv)
+from polypsam.faults import EpochShuffleSampler, TrainingDiverged, describe_failure, oom_message, resume_argv
 from polypsam.train import train
 
 REPO = Path(__file__).resolve().parents[1]

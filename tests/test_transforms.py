@@ -3,8 +3,17 @@ import pytest
 import torch
 from segment_anything.utils.transforms import ResizeLongestSide
 
-from polypsam.data.transforms import (boxes_per_component, box_from_mask, boxes_to_input, boxes_to_original,
-                                      jitter_boxes, resize_image, resize_mask, resized_hw, to_original)
+from polypsam.data.transforms import (
+    box_from_mask,
+    boxes_per_component,
+    boxes_to_input,
+    boxes_to_original,
+    jitter_boxes,
+    resize_image,
+    resize_mask,
+    resized_hw,
+    to_original,
+)
 from polypsam.models import build_model
 
 

@@ -32,7 +32,13 @@ from torch.utils.data import DataLoader, Dataset
 
 from polypsam.config import CONF_DIR
 from polypsam.data.io import IMAGE_EXTENSIONS, image_size, read_image, read_mask_report
-from polypsam.data.transforms import box_from_mask, boxes_per_component, boxes_to_input, resize_image, to_original
+from polypsam.data.transforms import (
+    box_from_mask,
+    boxes_per_component,
+    boxes_to_input,
+    resize_image,
+    to_original,
+)
 from polypsam.errors import ConfigError, DataError, PolypSamError
 from polypsam.faults import one_line
 from polypsam.models.registry import available_models
@@ -439,8 +445,14 @@ def run_prediction(net: PromptableSAM, plan: Plan, out_dir: str | Path, identity
 
 def _progress(enabled: bool):
     from rich.console import Console
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                               TimeRemainingColumn)
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                     TimeRemainingColumn(), console=Console(stderr=True), disable=not enabled)

@@ -20,8 +20,14 @@ from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from polypsam.config import (CONF_DIR, datamodule_from_cfg, derive_accumulation, device_count,
-                             embedding_cache_from_cfg, model_from_cfg)
+from polypsam.config import (
+    CONF_DIR,
+    datamodule_from_cfg,
+    derive_accumulation,
+    device_count,
+    embedding_cache_from_cfg,
+    model_from_cfg,
+)
 from polypsam.errors import PolypSamError
 from polypsam.faults import describe_failure, resolve_ckpt_path, resume_argv, with_atomic_checkpoints
 from polypsam.models.freeze import freeze_strategy, parameter_counts

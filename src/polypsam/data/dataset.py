@@ -14,8 +14,16 @@ from torch.utils.data import Dataset
 from polypsam.data.embedding_cache import EmbeddingCache, file_digest
 from polypsam.data.image_cache import ImageCache
 from polypsam.data.io import read_image, read_mask
-from polypsam.data.transforms import (Resize, box_from_mask, boxes_per_component, boxes_to_input, jitter_boxes,
-                                      resize_image, resize_mask, resized_hw)
+from polypsam.data.transforms import (
+    Resize,
+    box_from_mask,
+    boxes_per_component,
+    boxes_to_input,
+    jitter_boxes,
+    resize_image,
+    resize_mask,
+    resized_hw,
+)
 from polypsam.errors import DataError
 
 log = logging.getLogger(__name__)

@@ -156,7 +156,6 @@ def _build_lite(pretrained: bool, checkpoint_dir=None) -> PromptableSAM:
 @register_model(ModelSpec("tiny", 64, SAM_MEAN, SAM_STD, "mean_std", 8, 32,
                           "randomly initialised miniature SAM (tests only)"))
 def _build_tiny(pretrained: bool, checkpoint_dir=None) -> PromptableSAM:
-    from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, TwoWayTransformer
 
     with torch.random.fork_rng(devices=[]):  # the same random weights every time, global RNG untouched
         torch.manual_seed(0)
