@@ -69,7 +69,7 @@ step 90 "torch.compile of the vit_b encoder" $TT --models vit_b --compile --filt
     --epoch off --block "train_throughput cuda compile" --json "$OUT/compile.json"
 if [ -d "$DATA/TrainDataset" ] && have cv2; then
     step 50 "decoder-only epochs of vit_b" $TT --no-matrix --epoch on --epoch-model vit_b --epoch-images 64 \
-        --epoch-batch 16 --data-root "$DATA" --block "train_throughput cuda epochs" --json "$OUT/epoch.json"
+        --epoch-batch 16 --epoch-workers 8 --data-root "$DATA" --block "train_throughput cuda epochs" --json "$OUT/epoch.json"
     step 60 "loader throughput" python benchmarks/data_throughput.py --data-root "$DATA" --images 300 \
         --workers 0,2,8 --results "$MD" --block "data_throughput gpu-host" --json "$OUT/data.json"
 else

@@ -639,6 +639,7 @@ def parse_args(argv=None):
     p.add_argument("--epoch-model", default="lite")
     p.add_argument("--epoch-images", type=int, default=8)
     p.add_argument("--epoch-repeats", type=int, default=2)
+    p.add_argument("--epoch-workers", type=int, default=None, help="loader workers (default: 0 on CPU, 8 on GPU)")
     p.add_argument("--epoch-batch", type=int, default=8, help="dec_lite trains with batch 8")
     p.add_argument("--data-root", default=os.environ.get("POLYPSAM_DATA_ROOT", str(DEFAULT_DATA)))
     p.add_argument("--threads", type=int, default=1,
@@ -735,7 +736,8 @@ def main(argv=None) -> dict:
             model = "tiny" if args.smoke else args.epoch_model
             n = 4 if args.smoke else args.epoch_images
             print(f"... epochs: {model}, strategy dec, {n} real images, batch {args.epoch_batch}", flush=True)
-            epoch = epoch_bench(model, root, n, min(args.epoch_batch, n), device,
+            workers = args.epoch_workers if args.epoch_workers is not None else (8 if gpu else 0)
+            epoch = epoch_bench(model, root, n, min(args.epoch_batch, n), device, workers=workers,
                                 repeats=1 if args.smoke else args.epoch_repeats)
             s = epoch["seconds"]
             print_table(f"decoder-only epochs, {model}, {n} images", ["epoch", "seconds", "img/s"],
