@@ -35,15 +35,12 @@ from torch.utils.data import DataLoader, Dataset
 from polypsam import __version__
 from polypsam import reporting as rep
 from polypsam.config import CONF_DIR
-from polypsam.data.dataset import Record
+from polypsam.data.dataset import BoxPrompt, Record
 from polypsam.data.io import image_size as header_size
 from polypsam.data.io import read_image, read_mask
 from polypsam.data.transforms import (
     Resize,
-    box_from_mask,
-    boxes_per_component,
     boxes_to_input,
-    jitter_boxes,
     resize_image,
     to_original,
 )
@@ -121,15 +118,8 @@ def box_prompts(mask: np.ndarray, base: str, noise: float, seed: int, key: str,
     The noise draw depends only on (seed, noise, image key): a result does not depend on batch size or
     order, and the ``jitter`` prompt equals the robustness sweep at the same noise.
     """
-    if base == "per_component":
-        boxes = boxes_per_component(mask, min_area)
-    else:
-        b = box_from_mask(mask)
-        boxes = np.zeros((0, 4), np.float32) if b is None else b[None]
-    if noise > 0 and len(boxes):
-        rng = np.random.default_rng([seed, round(noise * 1e6), zlib.crc32(key.encode())])
-        boxes = jitter_boxes(boxes, mask.shape, rng, fraction=noise)
-    return boxes
+    rng = np.random.default_rng([seed, round(noise * 1e6), zlib.crc32(key.encode())]) if noise > 0 else None
+    return BoxPrompt(mode=base, jitter_frac=noise, min_component_area=min_area).boxes(mask, rng)
 
 
 # ------------------------------------------------------------------------------------------------- data

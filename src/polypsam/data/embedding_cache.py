@@ -11,11 +11,11 @@ same entry race harmlessly (both write identical bytes; the rename is atomic).
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 from pathlib import Path
 
 import torch
+
+from polypsam.data.io import atomic_write
 
 
 def file_digest(path: str | Path) -> str:
@@ -46,14 +46,8 @@ class EmbeddingCache:
     def save(self, image_key: str, embedding: torch.Tensor) -> None:
         p = self.path(image_key)
         p.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{image_key}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(embedding.detach().to("cpu", torch.float16).contiguous().clone(), f)
-            os.replace(tmp, p)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        half = embedding.detach().to("cpu", torch.float16).contiguous().clone()
+        atomic_write(p, lambda f: torch.save(half, f))
         self.writes += 1
 
     def __len__(self) -> int:

@@ -17,12 +17,11 @@ With augmentation the image must be augmented at full resolution before it is re
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from polypsam.data.io import atomic_write
 from polypsam.data.transforms import RESIZE_METHODS
 
 # Bump when read_image or resize_image change the pixels they produce: old entries then go unused.
@@ -41,7 +40,7 @@ class ImageCache:
         self.dir.mkdir(parents=True, exist_ok=True)
         note = self.dir / "VERSION.txt"
         if not note.exists():  # for a person looking at the folder; never read back
-            _atomic_write(note, lambda f: f.write(f"{version}\n".encode()))
+            atomic_write(note, lambda f: f.write(f"{version}\n".encode()))
         self.hits = 0
         self.writes = 0
 
@@ -68,7 +67,7 @@ class ImageCache:
                              f"{tuple(region.shape)}")
         p = self.path(image_key)
         p.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write(p, lambda f: np.save(f, np.ascontiguousarray(region), allow_pickle=False))
+        atomic_write(p, lambda f: np.save(f, np.ascontiguousarray(region), allow_pickle=False))
         self.writes += 1
 
     def __len__(self) -> int:
@@ -77,13 +76,3 @@ class ImageCache:
     def __repr__(self) -> str:
         return f"ImageCache({self.dir})"
 
-
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)

@@ -7,8 +7,12 @@ the Polyp-SAM notebooks).
 
 from __future__ import annotations
 
+import os
+import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -94,3 +98,20 @@ def image_size(path: str | Path) -> tuple[int, int]:
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise DataError(f"{path}: not a readable image ({exc}); re-copy or remove it.") from None
     return h, w
+
+
+def atomic_write(path: str | Path, write: Callable[[BinaryIO], object]) -> None:
+    """Write through a unique temporary file beside ``path`` and rename it into place.
+
+    Readers never see a torn file, and concurrent writers of the same content (DDP ranks, sweep jobs
+    filling a cache) race harmlessly: the last rename wins.
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
