@@ -6,7 +6,9 @@ import torch
 
 from polypsam.errors import CheckpointError, ConfigError
 from polypsam.models import available_models, build_model, get_spec
+from polypsam.models.attention import SdpaDecoderAttention, use_sdpa_decoder_attention
 from polypsam.models.freeze import STRATEGIES, freeze_strategy, parameter_counts
+from polypsam.models.mask_head import is_stock_upscaling, mask_logits_channels_last, mask_logits_stock
 from polypsam.models.sam import merge_box_logits
 
 # total parameters of the official models (image + prompt encoder + mask decoder)
@@ -95,6 +97,53 @@ class TestEveryModel:
                 assert torch.allclose(ours[k:k + 1], ref, atol=1e-4)
                 assert torch.allclose(iou[k:k + 1], ref_iou, atol=1e-5)
 
+    def test_fast_decoder_equals_stock_in_float64_forward_and_backward(self, model_name):
+        """SDPA decoder attention + channels-last mask head == SAM's stock MaskDecoder, values and grads.
+
+        The mask decoders run in float64; SAM's prompt encoder casts box coordinates to float32 itself,
+        so it stays float32 in both paths (its outputs are exact in float64).
+        """
+        fast, stock = build_model(model_name), build_model(model_name, attention="stock")
+        stock.load_state_dict(fast.state_dict())
+        fast.mask_decoder.double()
+        stock.mask_decoder.double()
+        assert fast._mask_logits is mask_logits_channels_last
+        assert use_sdpa_decoder_attention(fast.mask_decoder) == 7  # 2 layers x 3 + the final one
+        assert not any(isinstance(m, SdpaDecoderAttention) for m in stock.modules())
+        spec = fast.spec
+        g = torch.Generator().manual_seed(3)
+        emb = torch.randn(2, spec.embedding_dim, spec.embedding_size, spec.embedding_size, generator=g,
+                          dtype=torch.float64)
+        _, _, boxes, idx = _batch(spec, b=2, boxes_per_image=(1, 2))
+        ours, iou = fast.decode(emb, boxes, idx)
+        ref, ref_iou = [], []
+        # one float32 prompt-encoder call for all boxes, as decode makes (batching changes its rounding)
+        sp, de = stock.prompt_encoder(points=None, boxes=boxes, masks=None)
+        for k in range(len(boxes)):
+            m, q = stock.mask_decoder(image_embeddings=emb[idx[k]:idx[k] + 1],
+                                      image_pe=stock.prompt_encoder.get_dense_pe(),
+                                      sparse_prompt_embeddings=sp[k:k + 1], dense_prompt_embeddings=de[k:k + 1],
+                                      multimask_output=False)
+            ref.append(m)
+            ref_iou.append(q)
+        ref, ref_iou = torch.cat(ref), torch.cat(ref_iou)
+        assert ours.shape == ref.shape == (3, 1, spec.low_res_size, spec.low_res_size)
+        torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(iou, ref_iou, rtol=1e-10, atol=1e-10)
+        weight = torch.randn(ours.shape, generator=g, dtype=torch.float64)
+        (ours * weight).sum().backward()
+        (ref * weight).sum().backward()
+        ref_grads = dict(stock.mask_decoder.named_parameters())
+        checked = 0
+        for name, p in fast.mask_decoder.named_parameters():
+            if name.startswith(("iou_prediction_head", "output_hypernetworks_mlps.1", "output_hypernetworks_mlps.2",
+                                "output_hypernetworks_mlps.3")):
+                continue  # no gradient from a single-mask loss, in either path
+            assert p.grad is not None, name
+            torch.testing.assert_close(p.grad, ref_grads[name].grad, rtol=1e-9, atol=1e-10, msg=name)
+            checked += 1
+        assert checked > 40
+
     def test_several_boxes_merge_into_one_mask(self, model_name):
         net = build_model(model_name).eval()
         images, hw, boxes, idx = _batch(net.spec, b=2, boxes_per_image=(1, 2))
@@ -164,3 +213,18 @@ def test_frozen_parts_stay_in_eval_mode():
     module.train()
     assert net.mask_decoder.training and not net.image_encoder.training and not net.prompt_encoder.training
     assert not any(m.training for m in net.image_encoder.modules())
+
+
+def test_other_mask_heads_keep_the_stock_path():
+    """A decoder whose upscaling is not SAM's 2x2/2 layout is decoded by SAM's own NCHW code."""
+    net = build_model("tiny")
+    up = net.mask_decoder.output_upscaling
+    assert is_stock_upscaling(up)
+    other = torch.nn.Sequential(torch.nn.ConvTranspose2d(32, 8, 4, stride=2, padding=1), *list(up)[1:])
+    assert not is_stock_upscaling(other)
+    assert not is_stock_upscaling(torch.nn.Sequential(*list(up)[:4]))
+    g = torch.Generator().manual_seed(0)
+    tokens, hyper = torch.randn(2, 16, 16, 32, generator=g), torch.randn(2, 4, generator=g)
+    fast = mask_logits_channels_last(up, tokens, hyper)
+    torch.testing.assert_close(fast, mask_logits_stock(up, tokens, hyper), rtol=1e-5, atol=1e-5)
+    assert mask_logits_stock(other, tokens, hyper).shape == fast.shape == (2, 1, 64, 64)

@@ -61,10 +61,11 @@ def build_model(name: str, pretrained: bool = True, checkpoint_dir: str | Path |
     if attention not in ("sdpa", "stock"):
         raise ConfigError(f"model.attention={attention!r}: choose 'sdpa' (default) or 'stock'.")
     if attention == "sdpa" or gradient_checkpointing:
-        from polypsam.models import attention as attn  # only SAM's ViT has these blocks
+        from polypsam.models import attention as attn
 
         if attention == "sdpa":
             attn.use_sdpa_attention(net.image_encoder)
+            attn.use_sdpa_decoder_attention(net.mask_decoder)
         if gradient_checkpointing:
             if attn.enable_gradient_checkpointing(net.image_encoder) == 0:
                 raise ConfigError(f"model.gradient_checkpointing=true: {name} has no ViT blocks to checkpoint.")

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from polypsam.models.mask_head import is_stock_upscaling, mask_logits_channels_last, mask_logits_stock
+
 
 @dataclass(frozen=True)
 class ModelSpec:
@@ -64,6 +66,8 @@ class PromptableSAM(nn.Module):
         self.prompt_encoder = prompt_encoder
         self.mask_decoder = mask_decoder
         self.spec = spec
+        self._mask_logits = (mask_logits_channels_last if is_stock_upscaling(mask_decoder.output_upscaling)
+                             else mask_logits_stock)
         self.register_buffer("pixel_mean", torch.tensor(spec.pixel_mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(spec.pixel_std).view(1, 3, 1, 1), persistent=False)
 
@@ -101,19 +105,21 @@ class PromptableSAM(nn.Module):
         """
         dec = self.mask_decoder
         sparse, dense = self.prompt_encoder(points=None, boxes=boxes, masks=None)
-        src = embeddings.index_select(0, box_image_index).to(dense.dtype) + dense
         k = sparse.shape[0]
+        if not (k == embeddings.shape[0] and torch.equal(
+                box_image_index, torch.arange(k, device=box_image_index.device))):
+            embeddings = embeddings.index_select(0, box_image_index)
+        # channels-last: the transformer's flatten(2).permute(0, 2, 1) of the image tokens and their
+        # positional encoding become views, and its output tokens are already the mask head's layout
+        src = (embeddings + dense).contiguous(memory_format=torch.channels_last)  # promotes bf16 to fp32
+        pos = self.prompt_encoder.get_dense_pe().contiguous(memory_format=torch.channels_last)
         out_tokens = torch.cat([dec.iou_token.weight, dec.mask_tokens.weight], dim=0)
         tokens = torch.cat([out_tokens.unsqueeze(0).expand(k, -1, -1), sparse], dim=1)
-        pos = self.prompt_encoder.get_dense_pe().expand(k, -1, -1, -1)
         _, c, h, w = src.shape
-        hs, src = dec.transformer(src, pos, tokens)
-        src = src.transpose(1, 2).reshape(k, c, h, w)
-        upscaled = dec.output_upscaling(src)
+        hs, image_tokens = dec.transformer(src, pos.expand(k, -1, -1, -1), tokens)
         # Single-mask output is mask token 0 (SAM's multimask_output=False); tokens 1..3 are not decoded.
-        hyper = dec.output_hypernetworks_mlps[0](hs[:, 1, :]).unsqueeze(1)
-        _, c2, h2, w2 = upscaled.shape
-        logits = (hyper @ upscaled.reshape(k, c2, h2 * w2)).reshape(k, 1, h2, w2)
+        hyper = dec.output_hypernetworks_mlps[0](hs[:, 1, :])
+        logits = self._mask_logits(dec.output_upscaling, image_tokens.reshape(k, h, w, c), hyper)
         iou = dec.iou_prediction_head(hs[:, 0, :])[:, :1]
         return logits, iou
 
