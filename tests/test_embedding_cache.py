@@ -21,7 +21,7 @@ from polypsam.data.datamodule import PolypDataModule
 from polypsam.data.dataset import BoxPrompt, PolypDataset, Record, collate
 from polypsam.data.embedding_cache import EmbeddingCache, file_digest
 from polypsam.data.files import find_pairs
-from polypsam.errors import ConfigError
+from polypsam.errors import ConfigError, DataError
 from polypsam.models import build_model
 from polypsam.models.freeze import STRATEGIES, freeze_strategy
 from polypsam.module import PolypSAMModule
@@ -173,3 +173,60 @@ def test_augmentation_and_cache_are_mutually_exclusive(tmp_path):
     assert embedding_cache_from_cfg(cfg("auto", None), enc_dec) is None
     with pytest.raises(ConfigError, match="frozen image encoder"):
         embedding_cache_from_cfg(cfg(True, None), enc_dec)
+
+
+def test_resident_embeddings_are_read_once_and_equal_the_disk_cache(real_root, tmp_path):
+    """resident=True: the loader ships keys, not tensors; the module serves the disk cache's fp16 values."""
+    n = 3
+    net, frozen = _dec("tiny")
+    disk = EmbeddingCache(tmp_path, net.encoder_fingerprint())
+    resident = EmbeddingCache(tmp_path, net.encoder_fingerprint(), resident=True)
+    module = PolypSAMModule(net, frozen_modules=frozen, embedding_cache=resident).eval()
+    records = _records(real_root, n)
+
+    def batch(cache):
+        ds = PolypDataset(records, net.spec.image_size, BoxPrompt(), embedding_cache=cache,
+                          resize_method=net.spec.resize_method)
+        return collate([ds[i] for i in range(n)])
+
+    cold = batch(resident)
+    assert not cold["embedded"].any() and "images" in cold
+    with torch.no_grad():
+        first, _ = module(cold)  # encodes, writes the disk cache, keeps them in memory
+    assert resident.writes == n and len(module.resident) == n
+    assert all(e.dtype == torch.float16 for e in module.resident.values())
+    warm = batch(resident)
+    assert warm["embedded"].all() and "images" not in warm and "embeddings" not in warm  # nothing decoded or read
+    with torch.no_grad():
+        served, _ = module(warm)
+        from_disk, _ = module.net(None, warm["input_hw"], warm["boxes"], warm["box_image_index"],
+                                  embeddings=batch(disk)["embeddings"].float())
+    torch.testing.assert_close(served, first, rtol=0, atol=0)
+    torch.testing.assert_close(served, from_disk, rtol=0, atol=1e-6)
+    assert resident.hits == 0  # never read back from disk by the module that wrote it
+
+    # a new run (empty memory, filled disk) reads each entry once, then serves from memory
+    again = PolypSAMModule(net, frozen_modules=frozen,
+                           embedding_cache=EmbeddingCache(tmp_path, net.encoder_fingerprint(), resident=True)).eval()
+    with torch.no_grad():
+        for _ in range(2):
+            out, _ = again(batch(again.embedding_cache))
+            torch.testing.assert_close(out, served, rtol=0, atol=0)
+    assert again.embedding_cache.hits == n and again.embedding_cache.writes == 0
+
+    # an entry that cannot be read is named, with the fix
+    fresh = PolypSAMModule(net, frozen_modules=frozen,
+                           embedding_cache=EmbeddingCache(tmp_path, net.encoder_fingerprint(), resident=True)).eval()
+    bad = fresh.embedding_cache.path(warm["keys"][1])
+    bad.write_bytes(b"not a tensor")
+    with pytest.raises(DataError, match=f"{bad}.*{records[1].image.name}.*delete it"):
+        fresh(batch(fresh.embedding_cache))
+
+
+def test_resident_flag_reaches_the_cache(tmp_path):
+    net, _ = _dec("tiny")
+    cfg = OmegaConf.create({"data": {"augment": None, "embedding_cache": {
+        "enabled": "auto", "dir": str(tmp_path), "resident": True}}})
+    assert embedding_cache_from_cfg(cfg, net).resident
+    cfg.data.embedding_cache.resident = False
+    assert not embedding_cache_from_cfg(cfg, net).resident

@@ -56,7 +56,8 @@ def test_dec_strategy_fills_and_reuses_the_embedding_cache(small_root, tmp_path)
     emb = torch.load(files[0], weights_only=True)
     assert emb.dtype == torch.float16 and emb.shape == (32, 8, 8)
     mtimes = {f: f.stat().st_mtime_ns for f in files}
-    run_train(*common, f"hydra.run.dir={tmp_path / 'b'}")
+    # the second run keeps the embeddings in memory (data.embedding_cache.resident): read once, same result
+    run_train(*common, "data.embedding_cache.resident=true", f"hydra.run.dir={tmp_path / 'b'}")
     assert {f: f.stat().st_mtime_ns for f in sorted(cache.glob("*/*/*.pt"))} == mtimes  # reused, not rewritten
     a = json.loads((tmp_path / "a" / "results.json").read_text())
     b = json.loads((tmp_path / "b" / "results.json").read_text())

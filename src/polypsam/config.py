@@ -66,9 +66,12 @@ def embedding_cache_from_cfg(cfg: DictConfig, net: PromptableSAM) -> EmbeddingCa
     elif want and augment:
         raise ConfigError("data.augment and data.embedding_cache.enabled=true are mutually exclusive: a cached "
                           "embedding is of the unaugmented image. Set data.augment=null or disable the cache.")
+    resident = bool(cfg.data.embedding_cache.get("resident", False))
     if not want:
+        if resident:
+            log.info("data.embedding_cache.resident ignored: the embedding cache is off for this run")
         return None
-    return EmbeddingCache(cfg.data.embedding_cache.dir, net.encoder_fingerprint())
+    return EmbeddingCache(cfg.data.embedding_cache.dir, net.encoder_fingerprint(), resident=resident)
 
 
 def image_cache_from_cfg(cfg: DictConfig, image_size: int, resize_method: str = "pil_bilinear"

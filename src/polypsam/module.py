@@ -13,6 +13,7 @@ from torchmetrics.segmentation import DiceScore, MeanIoU
 
 from polypsam import __version__
 from polypsam.data.embedding_cache import EmbeddingCache
+from polypsam.errors import DataError
 from polypsam.faults import TrainingDiverged
 from polypsam.losses import SegmentationLoss
 from polypsam.models.sam import PromptableSAM
@@ -61,6 +62,7 @@ class PolypSAMModule(L.LightningModule):
         self.loss_fn = SegmentationLoss(loss)
         self.frozen_modules = list(frozen_modules or [])
         self.embedding_cache = embedding_cache
+        self.resident: dict[str, torch.Tensor] = {}  # image key -> fp16 embedding on the device
         self.run_config = run_config or {}
         self.val_dice, self.val_iou = _dice_metric(), _iou_metric()
         self.test_metrics = torch.nn.ModuleDict()
@@ -85,6 +87,8 @@ class PolypSAMModule(L.LightningModule):
         """Cached embeddings where the loader found them; the frozen encoder fills in and stores the rest."""
         if self.encoder_trainable:
             return None
+        if self.embedding_cache is not None and self.embedding_cache.resident:
+            return self._resident_embeddings(batch)
         emb = batch.get("embeddings")
         done = batch["embedded"].to(self.device)
         if emb is not None and bool(done.all()):
@@ -100,6 +104,31 @@ class PolypSAMModule(L.LightningModule):
         emb = emb.float().clone()
         emb[todo] = new.to(emb.dtype)
         return emb
+
+    def _resident_embeddings(self, batch) -> torch.Tensor:
+        """Embeddings kept in device memory: read from the disk cache or encoded once, then served from here."""
+        keys, store, cache = batch["keys"], self.resident, self.embedding_cache
+        on_disk = batch["embedded"].tolist()
+        for i, key in enumerate(keys):
+            if key not in store and on_disk[i]:
+                emb = cache.load(key)
+                if emb is None:
+                    raise DataError(f"{cache.path(key)}: this embedding-cache entry of {batch['image_paths'][i]} "
+                                    "cannot be read; delete it and it is recomputed.")
+                store[key] = emb.to(self.device, torch.float16)
+        todo = [i for i, key in enumerate(keys) if key not in store]
+        if todo:
+            idx = torch.tensor(todo, device=self.device)
+            with torch.no_grad():
+                new = self.net.encode(batch["images"][idx], batch["input_hw"][idx])
+            for j, i in enumerate(todo):
+                cache.save(keys[i], new[j])
+                store[keys[i]] = new[j].to(torch.float16)
+        # the disk cache's fp16 values on every epoch, the first included
+        return torch.stack([store[k] for k in keys]).float()
+
+    def on_fit_end(self):
+        self.resident.clear()  # evaluation after fit reads its own test sets
 
     def forward(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
         emb = self._embeddings(batch)

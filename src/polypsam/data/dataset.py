@@ -104,11 +104,17 @@ class PolypDataset(Dataset):
     def __getitem__(self, i: int) -> dict[str, Any]:
         rec = self.records[i]
         mask = read_mask(rec.mask)
-        emb = self.cache.load(rec.key) if (self.cache is not None and rec.key) else None
+        emb, deferred = None, False
+        if self.cache is not None and rec.key:
+            if self.cache.resident:  # the module holds it in device memory, or reads it once itself
+                deferred = self.cache.has(rec.key)
+            else:
+                emb = self.cache.load(rec.key)
+        encoded = emb is not None or deferred
         canvas = None
-        if emb is None and self.image_cache is not None:
+        if not encoded and self.image_cache is not None:
             canvas, rz = self._cached_canvas(rec, mask.shape)
-        if emb is None and canvas is None:
+        if not encoded and canvas is None:
             image = read_image(rec.image)
             if image.shape[:2] != mask.shape:
                 raise DataError(f"{rec.mask}: mask is {mask.shape[1]}x{mask.shape[0]} but its image {rec.image} is "
@@ -118,7 +124,7 @@ class PolypDataset(Dataset):
             canvas, rz = resize_image(image, self.image_size, self.resize_method)
             if self.image_cache is not None:
                 self.image_cache.save(self._key(rec), canvas[:rz.input_hw[0], :rz.input_hw[1]])
-        elif emb is not None:
+        elif encoded:  # the image is not decoded
             h, w = mask.shape
             rz = Resize((h, w), resized_hw(h, w, self.image_size), self.image_size)
         boxes = self.box.boxes(mask, self._rng())
@@ -137,6 +143,8 @@ class PolypDataset(Dataset):
         }
         if emb is not None:
             item["embedding"] = emb
+        elif deferred:
+            item["embedding_deferred"] = True
         else:
             item["image"] = torch.from_numpy(canvas).permute(2, 0, 1).contiguous()
         return item
@@ -181,9 +189,10 @@ def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
     }
     for k in ("name", "source", "image_path", "mask_path", "key"):
         out[k + "s"] = [it[k] for it in items]
-    embedded = torch.tensor(["embedding" in it for it in items])
+    # embedded: the module need not encode the image (its embedding came along, or is resident/on disk)
+    embedded = torch.tensor(["embedding" in it or "embedding_deferred" in it for it in items])
     out["embedded"] = embedded
-    if embedded.any():
+    if any("embedding" in it for it in items):
         ref = next(it["embedding"] for it in items if "embedding" in it)
         out["embeddings"] = torch.stack([it.get("embedding", torch.zeros_like(ref)) for it in items])
     if not embedded.all():
