@@ -13,6 +13,8 @@ cv2 area resize) and worker count, one pass each of:
 - ``image cache warm``: a later epoch, reading the resized ``.npy`` entries;
 - ``embedding cache warm``: strategy dec's epochs after the first, reading fp16 embeddings (the cache is
   filled beforehand with random tensors of the right shape, 256x64x64: the loader does not look at values).
+- ``resident``: the same with ``data.embedding_cache.resident=true``: the loader checks that the entry
+  exists and ships the mask and boxes only (the module holds the embeddings in device memory).
 
 Every mode still decodes the mask (boxes come from it). A pass includes the workers' start. The files are
 in the OS page cache after the first pass (nothing here can drop it), so "cold" means cold caches of
@@ -61,7 +63,9 @@ from polypsam.data.embedding_cache import EmbeddingCache, file_digest
 from polypsam.data.files import find_pairs
 from polypsam.data.image_cache import ImageCache
 
-MODES = ("decode", "image cache cold", "image cache warm", "embedding cache warm")
+# "resident": data.embedding_cache.resident=true, the embedding stays on the device and the loader ships
+# the mask and boxes only (what bounds a decoder-only epoch once the embeddings are in GPU memory)
+MODES = ("decode", "image cache cold", "image cache warm", "embedding cache warm", "resident")
 
 
 def records(root: Path, n: int) -> list[Record]:
@@ -91,6 +95,7 @@ def bench(root: Path, n: int, sizes: list[tuple[int, str]], workers: list[int], 
     recs = records(root, n)
     rows = []
     emb_cache = EmbeddingCache(tmp / "emb", "bench-random")
+    resident = EmbeddingCache(tmp / "emb", "bench-random", resident=True)
     g = torch.Generator().manual_seed(0)
     for r in recs:  # filled once, outside the timing
         emb_cache.save(r.key, torch.randn(256, 64, 64, generator=g))
@@ -105,7 +110,8 @@ def bench(root: Path, n: int, sizes: list[tuple[int, str]], workers: list[int], 
             secs = {"decode": one_pass(ds(), w, batch),
                     "image cache cold": one_pass(ds(image_cache=icache), w, batch),
                     "image cache warm": one_pass(ds(image_cache=icache), w, batch),
-                    "embedding cache warm": one_pass(ds(embedding_cache=emb_cache), w, batch)}
+                    "embedding cache warm": one_pass(ds(embedding_cache=emb_cache), w, batch),
+                    "resident": one_pass(ds(embedding_cache=resident), w, batch)}
             count, img_mib = _dir_mib(icache.dir, "*/*.npy")
             assert count == len(recs), f"image cache holds {count} of {len(recs)} entries"
             rows.append({"size": size, "resize": method, "workers": w, "images": len(recs), "seconds": secs,

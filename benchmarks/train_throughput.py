@@ -611,7 +611,7 @@ def print_table(title: str, head: list[str], rows: list[list[str]]) -> None:
         t.add_column(h, justify="left" if i == 0 else "right")
     for r in rows:
         t.add_row(*r)
-    Console(width=200).print(t)
+    Console(width=260).print(t)  # wide enough that no header wraps (tests look for them)
 
 
 def markdown_table(head: list[str], rows: list[list[str]]) -> str:

@@ -59,7 +59,7 @@ def test_train_throughput_smoke(real_root, tmp_path):
 def test_data_throughput_smoke(real_root, tmp_path):
     js = tmp_path / "data.json"
     out = _run("data_throughput.py", "--json", str(js), "--data-root", str(real_root))
-    for col in ("decode img/s", "image cache warm img/s", "embedding cache warm img/s"):
+    for col in ("decode img/s", "image cache warm img/s", "embedding cache warm img/s", "resident img/s"):
         assert col in out
     (row,) = json.loads(js.read_text())["rows"]
     assert row["images"] == 8 and row["workers"] == 0 and row["size"] == 64
