@@ -57,7 +57,6 @@ from torch.utils.flop_counter import FlopCounterMode
 from polypsam.models import attention as attn
 from polypsam.models import build_model
 from polypsam.models.freeze import STRATEGIES, freeze_strategy
-from polypsam.models.mask_head import mask_logits_stock
 from polypsam.models.sam import ModelSpec, PromptableSAM
 from polypsam.module import PolypSAMModule
 
@@ -178,6 +177,7 @@ def build(case: Case) -> PromptableSAM:
         if case.attention == "sdpa":
             attn.use_sdpa_attention(net.image_encoder)
             attn.use_sdpa_decoder_attention(net.mask_decoder)
+        net.use_stock_mask_head(case.attention == "stock")  # as build_model does
         if case.ckpt:
             attn.enable_gradient_checkpointing(net.image_encoder)
         if case.compile:
@@ -185,8 +185,6 @@ def build(case: Case) -> PromptableSAM:
     else:
         net = build_model(case.base, pretrained=False, attention=case.attention,
                           gradient_checkpointing=case.ckpt, compile=case.compile)
-    if case.attention == "stock":
-        net._mask_logits = mask_logits_stock  # segment_anything's NCHW upscaling and projection
     return net
 
 

@@ -107,7 +107,7 @@ class TestEveryModel:
         stock.load_state_dict(fast.state_dict())
         fast.mask_decoder.double()
         stock.mask_decoder.double()
-        assert fast._mask_logits is mask_logits_channels_last
+        assert fast._mask_logits is mask_logits_channels_last and stock._mask_logits is mask_logits_stock
         assert use_sdpa_decoder_attention(fast.mask_decoder) == 7  # 2 layers x 3 + the final one
         assert not any(isinstance(m, SdpaDecoderAttention) for m in stock.modules())
         spec = fast.spec

@@ -60,6 +60,7 @@ def build_model(name: str, pretrained: bool = True, checkpoint_dir: str | Path |
     net = _BUILDERS[name](pretrained=pretrained, checkpoint_dir=checkpoint_dir)
     if attention not in ("sdpa", "stock"):
         raise ConfigError(f"model.attention={attention!r}: choose 'sdpa' (default) or 'stock'.")
+    net.use_stock_mask_head(attention == "stock")  # stock: segment_anything's own decoder code throughout
     if attention == "sdpa" or gradient_checkpointing:
         from polypsam.models import attention as attn
 

@@ -66,10 +66,17 @@ class PromptableSAM(nn.Module):
         self.prompt_encoder = prompt_encoder
         self.mask_decoder = mask_decoder
         self.spec = spec
-        self._mask_logits = (mask_logits_channels_last if is_stock_upscaling(mask_decoder.output_upscaling)
-                             else mask_logits_stock)
+        self.use_stock_mask_head(False)
         self.register_buffer("pixel_mean", torch.tensor(spec.pixel_mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(spec.pixel_std).view(1, 3, 1, 1), persistent=False)
+
+    def use_stock_mask_head(self, stock: bool = True) -> None:
+        """segment_anything's NCHW mask head (comparisons), or the equivalent channels-last one (default).
+
+        A decoder whose head is not SAM's layout always keeps the stock path.
+        """
+        fast = not stock and is_stock_upscaling(self.mask_decoder.output_upscaling)
+        self._mask_logits = mask_logits_channels_last if fast else mask_logits_stock
 
     # -- preprocessing on the device ---------------------------------------------------------------
     def normalize(self, images: torch.Tensor, input_hw: torch.Tensor) -> torch.Tensor:
