@@ -7,7 +7,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf, open_dict
 
-from polypsam.config import CONF_DIR, derive_accumulation, device_count
+from polypsam.config import CONF_DIR, derive_accumulation, device_count, resolve_precision
 
 EXPERIMENTS = sorted(p.stem for p in (Path(CONF_DIR) / "experiment").glob("*.yaml"))
 
@@ -63,3 +63,19 @@ def test_gradient_accumulation_is_derived(eff, bs, dev, nodes, expect):
 def test_device_count():
     assert device_count(2) == 2 and device_count([0, 3]) == 2 and device_count("0,1,2") == 3
     assert device_count("auto", "cpu") == 1
+
+
+def test_precision_auto_picks_what_the_machine_runs_best(monkeypatch):
+    import torch
+
+    assert resolve_precision("16-mixed") == "16-mixed" and resolve_precision(32) == 32  # explicit values stay
+    assert resolve_precision("auto", "cpu") == "32"
+    if not torch.cuda.is_available():  # this machine, for real
+        assert resolve_precision("auto", "auto") == "32"
+    # GPU generations (no GPU here: the two queries are stood in for)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for capability, expected in (((7, 0), "16-mixed"), ((7, 5), "16-mixed"), ((8, 0), "bf16-mixed"),
+                                 ((9, 0), "bf16-mixed")):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, c=capability: c)
+        assert resolve_precision("auto", "gpu") == expected, capability
+    assert resolve_precision("auto", "cpu") == "32"  # a CPU run on a GPU machine

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -27,9 +28,12 @@ def test_one_epoch_tiny_on_real_images(small_root, tmp_path):
     run = tmp_path / "run"
     proc = run_train("+experiment=tiny", "data=pranet", f"data.root={small_root}", "data.num_workers=0",
                      "data.limit_train=null", "data.limit_val=null", f"paths.root_dir={tmp_path}",
-                     f"data.embedding_cache.dir={tmp_path / 'cache'}", f"hydra.run.dir={run}")
+                     f"data.embedding_cache.dir={tmp_path / 'cache'}", f"hydra.run.dir={run}",
+                     "trainer.precision=auto")
     assert (run / "checkpoints" / "best.ckpt").is_file() and (run / "checkpoints" / "last.ckpt").is_file()
     assert (run / "config_resolved.yaml").is_file() and (run / ".hydra" / "config.yaml").is_file()
+    # the run records the precision it used: auto is 32 on this CPU
+    assert yaml.safe_load((run / "config_resolved.yaml").read_text())["trainer"]["precision"] == "32"
     split = json.loads((run / "split.json").read_text())
     assert split["counts"] == {"train": 11, "val": 3}
     rows = list(csv.DictReader(open(run / "csv" / "metrics.csv")))

@@ -35,6 +35,21 @@ def device_count(devices, accelerator: str = "auto") -> int:
     return int(devices)
 
 
+def resolve_precision(precision, accelerator: str = "auto"):
+    """``trainer.precision=auto``: what the hardware runs best, so one experiment file fits every machine.
+
+    bf16-mixed on GPUs with native bf16 (compute capability 8.0+: A100, H100), 16-mixed with Lightning's
+    gradient scaler on older GPUs (V100, the paper's), 32 on a CPU. Anything else passes through.
+    """
+    if str(precision) != "auto":
+        return precision
+    import torch
+
+    if accelerator not in ("auto", "gpu", "cuda") or not torch.cuda.is_available():
+        return "32"
+    return "bf16-mixed" if torch.cuda.get_device_capability() >= (8, 0) else "16-mixed"
+
+
 def derive_accumulation(effective_batch_size: int, batch_size: int, devices: int, num_nodes: int = 1
                         ) -> tuple[int, int]:
     """Gradient-accumulation steps for an effective batch, and the effective batch they give."""

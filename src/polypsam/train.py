@@ -27,6 +27,7 @@ from polypsam.config import (
     device_count,
     embedding_cache_from_cfg,
     model_from_cfg,
+    resolve_precision,
 )
 from polypsam.errors import PolypSamError
 from polypsam.faults import describe_failure, resolve_ckpt_path, resume_argv, with_atomic_checkpoints
@@ -71,6 +72,10 @@ def train(cfg: DictConfig) -> dict:
             if not cfg.data.get("split_file") and (out / "split.json").is_file():
                 cfg.data.split_file = str(out / "split.json")
     L.seed_everything(cfg.seed, workers=True)
+    precision = resolve_precision(cfg.trainer.precision, cfg.trainer.accelerator)
+    if precision != cfg.trainer.precision:
+        log.info("trainer.precision=%s: %s on this machine", cfg.trainer.precision, precision)
+        cfg.trainer.precision = precision
     resolved = OmegaConf.to_container(cfg, resolve=True)
     if rank_zero_only.rank == 0:
         (out / "config_resolved.yaml").write_text(OmegaConf.to_yaml(resolved))
