@@ -556,7 +556,7 @@ def epoch_bench(model: str, data_root: Path, n_images: int, batch: int, device: 
            "resident_warm": statistics.median(r[2] for r in rounds)}
     return {"model": model, "images": len(records), "batch": batch, "workers": workers, "repeats": repeats,
             "seconds": out, "images_per_s": {k: len(records) / v for k, v in out.items()},
-            "pairs_seconds": rounds, "pair_ratios": [r / w for r, w, _ in rounds],
+            "rounds_seconds": rounds, "disk_ratios": [r / w for r, w, _ in rounds],
             "resident_ratios": [r / m for r, _, m in rounds],
             "speedup_warm_vs_recompute": out["recompute"] / out["cache_warm"],
             "speedup_resident_vs_recompute": out["recompute"] / out["resident_warm"], "cache_entries": written}
@@ -763,7 +763,7 @@ def main(argv=None) -> dict:
                         [[k, f"{v:.3g}", f"{epoch['images_per_s'][k]:.3g}"] for k, v in s.items()])
             print(f"cached-embedding epoch speed-up over recomputing the encoder: "
                   f"{epoch['speedup_warm_vs_recompute']:.1f}x from disk (rounds: "
-                  + ", ".join(f"{r:.1f}x" for r in epoch["pair_ratios"]) + "), "
+                  + ", ".join(f"{r:.1f}x" for r in epoch["disk_ratios"]) + "), "
                   f"{epoch['speedup_resident_vs_recompute']:.1f}x resident (rounds: "
                   + ", ".join(f"{r:.1f}x" for r in epoch["resident_ratios"]) + ")")
         else:
@@ -814,7 +814,7 @@ def _markdown(info, steps, warmup, head, rows, probe_rows, epoch, real=None) -> 
             + markdown_table(["epoch", "seconds", "img/s"], [[k, f"{v:.3g}", f"{ips[k]:.3g}"] for k, v in s.items()])
             + f"\n\nSpeed-up of a cached epoch over recomputing the encoder: "
               f"**{epoch['speedup_warm_vs_recompute']:.1f}x** from the disk cache (per round: "
-            + ", ".join(f"{r:.1f}x" for r in epoch["pair_ratios"]) + "), "
+            + ", ".join(f"{r:.1f}x" for r in epoch["disk_ratios"]) + "), "
               f"**{epoch['speedup_resident_vs_recompute']:.1f}x** with `data.embedding_cache.resident=true` "
               "(per round: " + ", ".join(f"{r:.1f}x" for r in epoch["resident_ratios"]) + ").")
     return "\n\n".join(parts)
