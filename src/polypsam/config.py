@@ -17,7 +17,7 @@ from polypsam.models.sam import PromptableSAM
 
 log = logging.getLogger(__name__)
 
-CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+CONF_DIR = str(Path(__file__).resolve().parent / "conf")  # shipped inside the package (pip install .)
 
 
 def device_count(devices, accelerator: str = "auto") -> int:
