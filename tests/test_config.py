@@ -7,7 +7,8 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf, open_dict
 
-from polypsam.config import CONF_DIR, derive_accumulation, device_count, resolve_precision
+from polypsam.config import CONF_DIR, derive_accumulation
+from polypsam.devices import device_count, resolve_precision
 
 EXPERIMENTS = sorted(p.stem for p in (Path(CONF_DIR) / "experiment").glob("*.yaml"))
 

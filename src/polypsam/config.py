@@ -20,36 +20,6 @@ log = logging.getLogger(__name__)
 CONF_DIR = str(Path(__file__).resolve().parent / "conf")  # shipped inside the package (pip install .)
 
 
-def device_count(devices, accelerator: str = "auto") -> int:
-    """Processes per node that Lightning will use for ``trainer.devices``."""
-    if isinstance(devices, (list, tuple)) or OmegaConf.is_list(devices):
-        return len(devices)
-    if isinstance(devices, str):
-        if devices in ("auto", "-1"):
-            import torch
-
-            if accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available():
-                return torch.cuda.device_count()
-            return 1
-        return len([d for d in devices.split(",") if d.strip()]) if "," in devices else int(devices)
-    return int(devices)
-
-
-def resolve_precision(precision, accelerator: str = "auto"):
-    """``trainer.precision=auto``: what the hardware runs best, so one experiment file fits every machine.
-
-    bf16-mixed on GPUs with native bf16 (compute capability 8.0+: A100, H100), 16-mixed with Lightning's
-    gradient scaler on older GPUs (V100, the paper's), 32 on a CPU. Anything else passes through.
-    """
-    if str(precision) != "auto":
-        return precision
-    import torch
-
-    if accelerator not in ("auto", "gpu", "cuda") or not torch.cuda.is_available():
-        return "32"
-    return "bf16-mixed" if torch.cuda.get_device_capability() >= (8, 0) else "16-mixed"
-
-
 def derive_accumulation(effective_batch_size: int, batch_size: int, devices: int, num_nodes: int = 1
                         ) -> tuple[int, int]:
     """Gradient-accumulation steps for an effective batch, and the effective batch they give."""

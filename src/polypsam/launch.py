@@ -28,7 +28,7 @@ from typing import Any
 import lightning as L
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from polypsam.config import device_count
+from polypsam.devices import device_count
 from polypsam.errors import ConfigError, PolypSamError
 from polypsam.models.sam import BOX_ONLY_UNUSED
 

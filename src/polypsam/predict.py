@@ -364,7 +364,7 @@ def _write_outputs(job: Job, out: Path, prob: np.ndarray, threshold: float, iou:
         record["prompt_mask"] = str(job.mask)
         record["prompt_mask_nonbinary_pixels"] = job.nonbinary_pixels
     if original is not None:
-        from polypsam.callbacks import overlay
+        from polypsam.drawing import overlay
 
         gt = read_mask_report(job.mask).mask if job.mask is not None else np.zeros(pred.shape, bool)
         (out / "overlays").mkdir(exist_ok=True)

@@ -179,7 +179,7 @@ def cases_figure(cases: Sequence[dict], title: str):
     """Rows of (image + box, ground truth, prediction + box); each case: image, gt, pred, boxes, label."""
     from matplotlib.figure import Figure
 
-    from polypsam.callbacks import overlay
+    from polypsam.drawing import overlay
 
     n = max(1, len(cases))
     fig = Figure(figsize=(10, 3.2 * n), dpi=100)

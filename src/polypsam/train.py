@@ -24,11 +24,10 @@ from polypsam.config import (
     CONF_DIR,
     datamodule_from_cfg,
     derive_accumulation,
-    device_count,
     embedding_cache_from_cfg,
     model_from_cfg,
-    resolve_precision,
 )
+from polypsam.devices import device_count, resolve_precision
 from polypsam.errors import PolypSamError
 from polypsam.faults import describe_failure, resolve_ckpt_path, resume_argv, with_atomic_checkpoints
 from polypsam.models.freeze import freeze_strategy, parameter_counts
