@@ -58,10 +58,12 @@ import torch
 from torch.utils.data import DataLoader
 from train_throughput import RESULTS, device_info, markdown_table, print_table, write_block
 
-from polypsam.data.dataset import BoxPrompt, PolypDataset, Record, collate
+from polypsam.data.batch import collate
+from polypsam.data.dataset import PolypDataset, Record
 from polypsam.data.embedding_cache import EmbeddingCache, file_digest
 from polypsam.data.files import find_pairs
 from polypsam.data.image_cache import ImageCache
+from polypsam.prompts.box import BoxPrompt
 
 # "resident": data.embedding_cache.resident=true, the embedding stays on the device and the loader ships
 # the mask and boxes only (what bounds a decoder-only epoch once the embeddings are in GPU memory)
@@ -81,7 +83,7 @@ def one_pass(ds: PolypDataset, workers: int, batch: int) -> float:
     t0 = time.perf_counter()
     n = 0
     for b in loader:
-        n += len(b["names"])
+        n += len(b)
     assert n == len(ds)
     return time.perf_counter() - t0
 

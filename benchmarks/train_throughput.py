@@ -51,14 +51,18 @@ except ImportError:  # run from a checkout without installing
     sys.path.insert(0, str(REPO / "src"))
 
 import torch
+from lightning.fabric.utilities.apply_func import move_data_to_device
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from polypsam.data.batch import Batch
 from polypsam.models import attention as attn
 from polypsam.models import build_model
 from polypsam.models.freeze import STRATEGIES, freeze_strategy
 from polypsam.models.sam import ModelSpec, PromptableSAM
 from polypsam.module import PolypSAMModule
+from polypsam.prompts import PromptBatch
+from polypsam.prompts.box import BoxPrompt
 
 RESULTS = REPO / "benchmarks" / "RESULTS.md"
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "polyp"
@@ -203,15 +207,17 @@ def make_batch(spec: ModelSpec, batch: int, cache: bool, device: torch.device) -
     rx, ry = (boxes[:, 2] - boxes[:, 0]) / 2, (boxes[:, 3] - boxes[:, 1]) / 2
     masks = (((xs - cx.view(-1, 1, 1)) / rx.view(-1, 1, 1)) ** 2
              + ((ys - cy.view(-1, 1, 1)) / ry.view(-1, 1, 1)) ** 2 <= 1).unsqueeze(1)
-    out = {"input_hw": torch.tensor([[h, w]] * batch), "boxes": boxes, "box_image_index": torch.arange(batch),
-           "masks": masks, "embedded": torch.full((batch,), cache), "names": [f"img{i}" for i in range(batch)],
-           "keys": [""] * batch}
+    names = [f"img{i}" for i in range(batch)]
+    embeddings = None
     if cache:  # what the loader delivers from the embedding cache: fp16
         e = spec.embedding_size
-        out["embeddings"] = torch.randn(batch, spec.embedding_dim, e, e, generator=g).half()
-    else:
-        out["images"] = images
-    return {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in out.items()}
+        embeddings = torch.randn(batch, spec.embedding_dim, e, e, generator=g).half().to(device)
+    hw = torch.tensor([[h, w]] * batch)
+    return Batch(masks=masks.to(device), input_hw=hw.to(device), original_hw=hw.to(device),
+                 prompts=PromptBatch(torch.arange(batch, device=device), boxes.to(device)),
+                 prompts_original=[], index=torch.arange(batch), names=names, sources=names, image_paths=names,
+                 mask_paths=names, keys=[""] * batch, embedded=torch.full((batch,), cache), embeddings=embeddings,
+                 images=None if cache else images.to(device))
 
 
 # -- measuring -------------------------------------------------------------------------------------
@@ -246,7 +252,7 @@ class Stepper:
     def __init__(self, case: Case, device: torch.device):
         self.device = device
         net = build(case)
-        frozen = freeze_strategy(net, STRATEGIES[case.strategy])
+        frozen = freeze_strategy(net, STRATEGIES[case.strategy], BoxPrompt().unused_parameters)
         self.module = PolypSAMModule(net, loss="dice", frozen_modules=frozen).to(device)
         self.module.train()
         self.opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-6)
@@ -257,7 +263,7 @@ class Stepper:
     def step(self) -> None:
         ctx = torch.autocast(self.device.type, dtype=self.dtype) if self.dtype else nullcontext()
         with ctx:
-            loss, _, _ = self.module._step(self.batch)
+            loss, _ = self.module._step(self.batch)
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
             self.scaler.step(self.opt)
@@ -506,7 +512,8 @@ def epoch_bench(model: str, data_root: Path, n_images: int, batch: int, device: 
     import numpy as np
     from torch.utils.data import DataLoader
 
-    from polypsam.data.dataset import BoxPrompt, PolypDataset, Record, collate
+    from polypsam.data.batch import collate
+    from polypsam.data.dataset import PolypDataset, Record
     from polypsam.data.embedding_cache import EmbeddingCache, file_digest
     from polypsam.data.files import find_pairs
 
@@ -516,7 +523,7 @@ def epoch_bench(model: str, data_root: Path, n_images: int, batch: int, device: 
     records = [Record(pairs[i].image, pairs[i].mask, pairs[i].stem, "TrainDataset", pairs[i].image.name,
                       key=file_digest(pairs[i].image)) for i in pick]
     net = build_model(model, pretrained=False)
-    frozen = freeze_strategy(net, STRATEGIES["dec"])
+    frozen = freeze_strategy(net, STRATEGIES["dec"], BoxPrompt().unused_parameters)
     module = PolypSAMModule(net, loss="dice", frozen_modules=frozen).to(device)
     module.train()
     opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-6)
@@ -532,9 +539,9 @@ def epoch_bench(model: str, data_root: Path, n_images: int, batch: int, device: 
         for i, b in enumerate(loader):
             if limit is not None and i >= limit:
                 break
-            b = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in b.items()}
+            b = move_data_to_device(b, device)  # what Lightning does with a Batch
             with torch.autocast(device.type, dtype=dtype) if dtype else nullcontext():
-                loss, _, _ = module._step(b)
+                loss, _ = module._step(b)
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)

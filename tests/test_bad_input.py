@@ -199,7 +199,7 @@ def test_training_reads_the_data_root_and_never_writes_it(small_root, tmp_path):
     per_image = pd.read_csv(run / "eval" / "per_image.csv")
     row = per_image[per_image["image"] == test_mask.stem].iloc[0]
     # metrics.EMPTY_GT_CONVENTION: no box, an empty prediction, Dice = IoU = 1 (a correct rejection)
-    assert row["n_boxes"] == 0 and row["dice"] == 1.0 and row["iou"] == 1.0
+    assert row["n_prompts"] == 0 and row["dice"] == 1.0 and row["iou"] == 1.0
 
 
 # -- predict ------------------------------------------------------------------------------------------------

@@ -43,7 +43,8 @@ def test_paper_settings(name, model, freeze):
     cfg = _compose([f"+experiment={name}"])
     assert cfg.model.name == model and list(cfg.strategy.freeze) == freeze
     assert cfg.optimizer.lr == 4e-6 and cfg.data.effective_batch_size == 48 and cfg.loss == "dice"
-    assert cfg.data.augment is None and cfg.data.box.mode == "tight" and cfg.data.val_fraction == 0.2
+    assert cfg.data.augment is None and cfg.prompt.type == "box" and cfg.prompt.mode == "tight"
+    assert cfg.prompt.min_area == 0 and cfg.prompt.jitter_frac == 0  # the paper's literal tight box and cfg.data.val_fraction == 0.2
     assert list(cfg.data.train_dirs) == ["TrainDataset"]
 
 

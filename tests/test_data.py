@@ -142,17 +142,17 @@ def test_split_file_for_other_data_is_rejected(tmp_path):
 
 def test_real_batch_with_per_component_boxes(small_root):
     dm = PolypDataModule(root=str(small_root), image_size=256, batch_size=4, num_workers=0,
-                         box={"mode": "per_component"}, limit_train=4)
+                         prompt={"type": "box", "mode": "per_component", "min_area": 16}, limit_train=4)
     dm.setup("fit")
     dm.setup("test")
     assert list(dm.test_sets) == ["Kvasir", "CVC-ClinicDB"]
     batch = next(iter(dm.train_dataloader()))
-    assert batch["images"].shape == (4, 3, 256, 256) and batch["images"].dtype == torch.uint8
-    assert batch["masks"].shape == (4, 1, 256, 256)
-    assert batch["boxes"].shape[0] == batch["box_image_index"].shape[0] >= 4
+    assert batch.images.shape == (4, 3, 256, 256) and batch.images.dtype == torch.uint8
+    assert batch.masks.shape == (4, 1, 256, 256)
+    assert batch.prompts.boxes.shape[0] == batch.prompts.image_index.shape[0] >= 4
     for j in range(4):  # every box lies inside its image's resized region
-        h, w = batch["input_hw"][j].tolist()
-        bx = batch["boxes"][batch["box_image_index"] == j]
+        h, w = batch.input_hw[j].tolist()
+        bx = batch.prompts.boxes[batch.prompts.image_index == j]
         assert len(bx) >= 1 and (bx[:, 2] <= w).all() and (bx[:, 3] <= h).all()
 
 
@@ -172,8 +172,8 @@ def test_boxes_come_from_the_augmented_mask(tmp_path):
                          augment=[A.HorizontalFlip(p=1.0)])
     dm.setup("fit")
     item = dm.train_set[0]
-    assert item["boxes_original"].tolist() == [[38.0, 5.0, 47.0, 14.0]]  # mirrored: cols 38..47
-    assert dm.val_set[0]["boxes_original"].tolist() == [[2.0, 5.0, 11.0, 14.0]]  # validation is not augmented
+    assert item["prompts_original"].boxes.tolist() == [[38.0, 5.0, 47.0, 14.0]]  # mirrored: cols 38..47
+    assert dm.val_set[0]["prompts_original"].boxes.tolist() == [[2.0, 5.0, 11.0, 14.0]]  # validation is not augmented
 
 
 def test_nonbinary_masks_are_thresholded_and_reported(tmp_path):

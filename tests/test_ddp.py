@@ -104,10 +104,10 @@ def test_a_failing_rank_is_one_line_and_nothing_hangs(tmp_path):
 
 
 def test_unused_parameters_under_ddp_are_a_clear_error_before_any_rank_starts(tmp_path):
-    proc = cli(*TINY_DDP, "strategy.freeze_box_unused=false", f"paths.root_dir={tmp_path}",
+    proc = cli(*TINY_DDP, "strategy.freeze_prompt_unused=false", f"paths.root_dir={tmp_path}",
                f"hydra.run.dir={tmp_path / 'run'}", timeout=120)
     assert proc.returncode == 2
-    assert "error: strategy.freeze_box_unused=false" in proc.stderr
+    assert "error: strategy.freeze_prompt_unused=false" in proc.stderr
     assert "mask_decoder.iou_prediction_head" in proc.stderr
     assert "ddp_find_unused_parameters_true" in proc.stderr
     assert "Traceback" not in proc.stderr and not (tmp_path / "run" / "ddp").exists()
@@ -120,14 +120,14 @@ def _compose(overrides):
 
 
 def test_which_configurations_ddp_accepts():
-    ok = [[], ["strategy.freeze_box_unused=false", "trainer.strategy=ddp_find_unused_parameters_true"],
+    ok = [[], ["strategy.freeze_prompt_unused=false", "trainer.strategy=ddp_find_unused_parameters_true"],
           # everything that gets no gradient is frozen by the strategy itself
-          ["strategy=custom", "strategy.freeze_box_unused=false",
+          ["strategy=custom", "strategy.freeze_prompt_unused=false",
            "strategy.freeze=[prompt_encoder,mask_decoder.iou_prediction_head,mask_decoder.output_hypernetworks_mlps]"]]
     for extra in ok:
         check_unused_parameters(_compose(TINY_DDP + extra))
     with pytest.raises(ConfigError, match="output_hypernetworks_mlps.1"):
-        check_unused_parameters(_compose(TINY_DDP + ["strategy=dec", "strategy.freeze_box_unused=false"]))
+        check_unused_parameters(_compose(TINY_DDP + ["strategy=dec", "strategy.freeze_prompt_unused=false"]))
     cfg = _compose(TINY_DDP + ["trainer.strategy=ddp_spawn", f"paths.output_dir={REPO / 'nonexistent'}"])
     with pytest.raises(ConfigError, match="use trainer.strategy=ddp"):
         run_maybe_distributed(lambda c: pytest.fail("must not run"), cfg)

@@ -17,14 +17,16 @@ import torch
 from omegaconf import OmegaConf
 
 from polypsam.config import embedding_cache_from_cfg
+from polypsam.data.batch import collate
 from polypsam.data.datamodule import PolypDataModule
-from polypsam.data.dataset import BoxPrompt, PolypDataset, Record, collate
+from polypsam.data.dataset import PolypDataset, Record
 from polypsam.data.embedding_cache import EmbeddingCache, file_digest
 from polypsam.data.files import find_pairs
 from polypsam.errors import ConfigError, DataError
 from polypsam.models import build_model
 from polypsam.models.freeze import STRATEGIES, freeze_strategy
 from polypsam.module import PolypSAMModule
+from polypsam.prompts.box import BoxPrompt
 
 
 def _records(real_root, n):
@@ -35,7 +37,7 @@ def _records(real_root, n):
 
 def _dec(name):
     net = build_model(name, pretrained=name == "lite")
-    return net, freeze_strategy(net, STRATEGIES["dec"])
+    return net, freeze_strategy(net, STRATEGIES["dec"], BoxPrompt().unused_parameters)
 
 
 def _close(cached, fresh):
@@ -52,7 +54,7 @@ def test_same_logits_with_and_without_the_cache(real_root, tmp_path, name, n):
     ds = PolypDataset(_records(real_root, n), net.spec.image_size, BoxPrompt(), embedding_cache=cache,
                       resize_method=net.spec.resize_method)
     cold = collate([ds[i] for i in range(n)])
-    assert not cold["embedded"].any() and "embeddings" not in cold
+    assert not cold.embedded.any() and cold.embeddings is None
     seen = []
     hook = net.image_encoder.register_forward_hook(lambda mod, args, out: seen.append(out))
     with torch.no_grad():
@@ -61,22 +63,22 @@ def test_same_logits_with_and_without_the_cache(real_root, tmp_path, name, n):
     (emb,) = seen  # the fp32 embedding the fresh logits came from
     assert cache.writes == n and len(cache) == n
     warm = collate([ds[i] for i in range(n)])
-    assert warm["embedded"].all() and "images" not in warm and warm["embeddings"].dtype == torch.float16
-    assert torch.equal(warm["embeddings"], emb.half())  # what was stored is the fresh embedding in fp16
+    assert warm.embedded.all() and warm.images is None and warm.embeddings.dtype == torch.float16
+    assert torch.equal(warm.embeddings, emb.half())  # what was stored is the fresh embedding in fp16
     with torch.no_grad():
         cached, _ = module(warm)
-        rounded, _ = net(None, warm["input_hw"], warm["boxes"], warm["box_image_index"],
+        rounded, _ = net(None, warm.input_hw, warm.prompts.boxes, warm.prompts.image_index,
                          embeddings=emb.half().float())
     _close(cached, fresh)
     torch.testing.assert_close(cached, rounded, rtol=0, atol=1e-5)
     if n > 1:  # a batch mixing cached and uncached images (a new image joins a filled cache)
-        (cache.path(warm["keys"][1])).unlink()
+        (cache.path(warm.keys[1])).unlink()
         mixed = collate([ds[i] for i in range(n)])
-        assert mixed["embedded"].tolist() == [True, False] + [True] * (n - 2)
+        assert mixed.embedded.tolist() == [True, False] + [True] * (n - 2)
         with torch.no_grad():
             out, _ = module(mixed)
         _close(out, fresh)
-        assert cache.path(warm["keys"][1]).exists()  # refilled
+        assert cache.path(warm.keys[1]).exists()  # refilled
 
 
 def test_other_weights_or_preprocessing_never_hit(real_root, tmp_path):
@@ -116,7 +118,7 @@ def test_other_weights_or_preprocessing_never_hit(real_root, tmp_path):
 def _image(net, rec):
     ds = PolypDataset(rec, net.spec.image_size, BoxPrompt())
     b = collate([ds[0]])
-    return b["images"], b["input_hw"]
+    return b.images, b.input_hw
 
 
 def _expected(i: int) -> torch.Tensor:
@@ -190,17 +192,17 @@ def test_resident_embeddings_are_read_once_and_equal_the_disk_cache(real_root, t
         return collate([ds[i] for i in range(n)])
 
     cold = batch(resident)
-    assert not cold["embedded"].any() and "images" in cold
+    assert not cold.embedded.any() and cold.images is not None
     with torch.no_grad():
         first, _ = module(cold)  # encodes, writes the disk cache, keeps them in memory
     assert resident.writes == n and len(module.resident) == n
     assert all(e.dtype == torch.float16 for e in module.resident.values())
     warm = batch(resident)
-    assert warm["embedded"].all() and "images" not in warm and "embeddings" not in warm  # nothing decoded or read
+    assert warm.embedded.all() and warm.images is None and warm.embeddings is None  # nothing decoded or read
     with torch.no_grad():
         served, _ = module(warm)
-        from_disk, _ = module.net(None, warm["input_hw"], warm["boxes"], warm["box_image_index"],
-                                  embeddings=batch(disk)["embeddings"].float())
+        from_disk, _ = module.net(None, warm.input_hw, warm.prompts.boxes, warm.prompts.image_index,
+                                  embeddings=batch(disk).embeddings.float())
     torch.testing.assert_close(served, first, rtol=0, atol=0)
     torch.testing.assert_close(served, from_disk, rtol=0, atol=1e-6)
     assert resident.hits == 0  # never read back from disk by the module that wrote it
@@ -217,7 +219,7 @@ def test_resident_embeddings_are_read_once_and_equal_the_disk_cache(real_root, t
     # an entry that cannot be read is named, with the fix
     fresh = PolypSAMModule(net, frozen_modules=frozen,
                            embedding_cache=EmbeddingCache(tmp_path, net.encoder_fingerprint(), resident=True)).eval()
-    bad = fresh.embedding_cache.path(warm["keys"][1])
+    bad = fresh.embedding_cache.path(warm.keys[1])
     bad.write_bytes(b"not a tensor")
     with pytest.raises(DataError, match=f"{bad}.*{records[1].image.name}.*delete it"):
         fresh(batch(fresh.embedding_cache))

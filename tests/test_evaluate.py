@@ -21,20 +21,10 @@ from PIL import Image
 from polypsam import reporting as rep
 from polypsam.compare import main as compare_main
 from polypsam.config import CONF_DIR
-from polypsam.data.transforms import box_from_mask, resize_image, resize_mask, to_original
+from polypsam.data.transforms import resize_image, resize_mask, to_original
 from polypsam.errors import CheckpointError, ConfigError, DataError
-from polypsam.evaluate import (
-    FAILURE_SCORES,
-    METRICS,
-    EvalResult,
-    EvalSettings,
-    PromptSettings,
-    box_prompts,
-    evaluate,
-    evaluate_model,
-    our_table2_rows,
-    summary_markdown,
-)
+from polypsam.evaluation import FAILURE_SCORES, METRICS, EvalResult, EvalSettings, evaluate, evaluate_model
+from polypsam.evaluation.report import our_table2_rows, summary_markdown
 from polypsam.metrics import dice_iou, score_image
 from polypsam.models import build_model
 
@@ -122,26 +112,6 @@ def test_prediction_equal_to_gt_at_input_resolution_maps_back_to_dice_one(hw, si
         assert dice_iou(wrong > 0.5, gt)[0] < 0.9
 
 
-# -------------------------------------------------------------------------------------------------- prompts
-
-
-def test_box_prompts_tight_jitter_and_components():
-    m = ellipse(120, 160, 50, 60, 20, 30) | ellipse(120, 160, 95, 130, 10, 15)
-    tight = box_prompts(m, "tight", 0.0, 0, "a/b")
-    assert np.array_equal(tight, box_from_mask(m)[None])
-    comps = box_prompts(m, "per_component", 0.0, 0, "a/b")
-    assert len(comps) == 2 and comps[0, 2] - comps[0, 0] > comps[1, 2] - comps[1, 0]  # largest first
-    j1 = box_prompts(m, "tight", 0.1, 0, "a/b")
-    assert np.array_equal(j1, box_prompts(m, "tight", 0.1, 0, "a/b"))  # seeded by (seed, noise, image)
-    assert not np.array_equal(j1, box_prompts(m, "tight", 0.1, 0, "a/c"))
-    assert not np.array_equal(j1, box_prompts(m, "tight", 0.1, 1, "a/b"))
-    side = np.array([tight[0, 2] - tight[0, 0] + 1, tight[0, 3] - tight[0, 1] + 1] * 2)
-    assert np.all(np.abs(j1[0] - tight[0]) <= 0.1 * side + 1e-4) and not np.allclose(j1, tight)
-    assert box_prompts(np.zeros((10, 10), bool), "tight", 0.2, 0, "x").shape == (0, 4)
-    with pytest.raises(ConfigError, match="prompt.mode"):
-        PromptSettings(mode="points")
-
-
 # -------------------------------------------------------------------------------------- tables / compat
 
 
@@ -163,7 +133,7 @@ def test_compat_mode_reports_per_row_dice_apart_from_per_image_dice():
     meta = {"label": "x zero-shot", "model": "x", "strategy": "zero-shot", "split": "none",
             "checkpoint": None, "data_root": "/d", "n_images": 3, "limit_test": None, "threshold": 0.5, "n_unreadable": 0,
             "prompt": {"description": "oracle", "seed": 0, "mode": "tight"}}
-    res = EvalResult(Path("."), summary, per, None, meta)
+    res = EvalResult(Path("."), summary, per, None, meta, {})
     default, compat = summary_markdown(res), summary_markdown(res, compat_row_dice=True)
     headline = f"| **x zero-shot (ours, per-image Dice/IoU @0.5)** | {st['dice']:.3f} | {st['iou']:.3f} |"
     assert headline in default and headline in compat
@@ -256,7 +226,7 @@ def tiny_run(tmp_path_factory):
             tmp=tmp)
     ev = tmp / "ev"
     proc = run_cli("polypsam.evaluate", f"ckpt_path={run / 'checkpoints' / 'best.ckpt'}", f"data.root={root}",
-                   "data.num_workers=0", "prompt.mode=jitter", "prompt.jitter_frac=0.1",
+                   "data.num_workers=0", "prompt.jitter_frac=0.1",
                    "compat_row_dice=true", "logger=wandb", f"paths.root_dir={tmp}", f"hydra.run.dir={ev}",
                    tmp=tmp, WANDB_MODE="offline")
     return root, run, ev, proc
@@ -290,7 +260,7 @@ def _check_outputs(ev: Path, root: Path):
     assert my["dice"] == pytest.approx(per[per["dataset"] == "My-Clinic"]["dice"].mean())
     # empty ground truth: no box, empty prediction, the documented Dice 1
     empty = per[per["image"] == "c1_empty"].iloc[0]
-    assert empty["n_boxes"] == 0 and empty["dice"] == 1.0 and pd.isna(empty["box"])
+    assert empty["n_prompts"] == 0 and empty["dice"] == 1.0 and pd.isna(empty["box"])
     for s in ("Kvasir", "CVC-300", "My-Clinic"):
         assert (ev / "figures" / f"{s}.png").stat().st_size > 1000
     assert (ev / "robustness.png").is_file()
@@ -323,7 +293,7 @@ def test_evaluate_cli_writes_every_output(tiny_eval, tiny_run):
     assert np.allclose(ok["dice"], ok["dice_noise_0.1"])
     oracle = pd.read_csv(run / "eval" / "per_image.csv").set_index("image")["box"]
     assert any(b != oracle[i] for i, b in zip(ok["image"], ok["box"]) if isinstance(b, str))
-    assert "Polyp-SAM compat: MONAI per-row" in md and "jittered tight box" in md
+    assert "Polyp-SAM compat: MONAI per-row" in md and "jittered (each side" in md
     assert "Polyp-SAM compat" not in (run / "eval" / "summary.md").read_text()  # never the default
     # W&B, offline: the summary, per-image table with masks, and the figures were logged
     runs = list((ev / "wandb").glob("offline-run-*"))
@@ -343,8 +313,8 @@ def test_compare_merges_runs(tiny_eval, tmp_path, capsys):
     assert compare_main([str(run), str(ev), "--out", str(tmp_path)]) == 0
     with open(tmp_path / "compare.csv") as f:
         table = list(csv.DictReader(f))
-    assert [(r["run"], r["strategy"], r["prompt"]) for r in table] == [("run", "enc_dec", "tight"),
-                                                                        ("ev", "enc_dec", "jitter")]
+    assert [(r["run"], r["strategy"], r["prompt"]) for r in table] == [("run", "enc_dec", "box"),
+                                                                        ("ev", "enc_dec", "box jitter 0.1")]
     assert float(table[1]["Kvasir DSC"]) == pytest.approx(pd.read_csv(ev / "summary.csv").loc[0, "dice"])
     md = (tmp_path / "compare.md").read_text()
     assert "| run | backbone | strategy | split | prompt | Kvasir |  | CVC-300 |  | My-Clinic |" in md

@@ -12,10 +12,12 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from polypsam.config import datamodule_from_cfg, image_cache_from_cfg
-from polypsam.data.dataset import BoxPrompt, PolypDataset, Record
+from polypsam.data.dataset import PolypDataset, Record
 from polypsam.data.files import find_pairs
 from polypsam.data.image_cache import ImageCache
 from polypsam.errors import ConfigError, DataError
+from polypsam.prompts import PromptSet
+from polypsam.prompts.box import BoxPrompt
 
 
 def _records(real_root, n=3):
@@ -32,6 +34,10 @@ def _assert_same(a: dict, b: dict):
     for k, v in a.items():
         if torch.is_tensor(v):
             assert torch.equal(v, b[k]), k
+        elif isinstance(v, PromptSet):
+            assert v.as_json() == b[k].as_json(), k
+        elif isinstance(v, np.ndarray):
+            assert np.array_equal(v, b[k]), k
         else:
             assert v == b[k], k
 

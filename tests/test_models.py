@@ -9,7 +9,8 @@ from polypsam.models import available_models, build_model, get_spec
 from polypsam.models.attention import SdpaDecoderAttention, use_sdpa_decoder_attention
 from polypsam.models.freeze import STRATEGIES, freeze_strategy, parameter_counts
 from polypsam.models.mask_head import is_stock_upscaling, mask_logits_channels_last, mask_logits_stock
-from polypsam.models.sam import merge_box_logits
+from polypsam.models.sam import merge_prompt_logits
+from polypsam.prompts.box import BoxPrompt
 
 # total parameters of the official models (image + prompt encoder + mask decoder)
 OFFICIAL_PARAMS = {"vit_b": 93_735_472, "vit_l": 312_342_832, "vit_h": 641_090_608}
@@ -150,13 +151,13 @@ class TestEveryModel:
         with torch.no_grad():
             emb = net.encode(images, hw)
             low, _ = net.decode(emb, boxes, idx)
-        merged = merge_box_logits(low, idx, 2)
+        merged = merge_prompt_logits(low, idx, 2)
         assert torch.equal(merged[0], low[0]) and torch.equal(merged[1], torch.maximum(low[1], low[2]))
 
     @pytest.mark.parametrize("strategy", ["dec", "enc_dec"])
     def test_strategy_trains_what_it_says(self, model_name, strategy):
         net = build_model(model_name)
-        frozen = freeze_strategy(net, STRATEGIES[strategy])
+        frozen = freeze_strategy(net, STRATEGIES[strategy], BoxPrompt().unused_parameters)
         before = {k: v.detach().clone() for k, v in net.named_parameters()}
         images, hw, boxes, idx = _batch(net.spec, b=2)
         opt = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=1.0)
@@ -208,7 +209,7 @@ def test_frozen_parts_stay_in_eval_mode():
     from polypsam.module import PolypSAMModule
 
     net = build_model("lite", pretrained=False)
-    frozen = freeze_strategy(net, STRATEGIES["dec"])
+    frozen = freeze_strategy(net, STRATEGIES["dec"], BoxPrompt().unused_parameters)
     module = PolypSAMModule(net, frozen_modules=frozen)
     module.train()
     assert net.mask_decoder.training and not net.image_encoder.training and not net.prompt_encoder.training

@@ -7,7 +7,7 @@ import pytest
 from nbclient import NotebookClient
 
 from polypsam.data.demo import generate_demo_dataset
-from polypsam.evaluate import EvalSettings, evaluate_model
+from polypsam.evaluation import EvalSettings, evaluate_model
 from polypsam.models import build_model
 
 REPO = Path(__file__).resolve().parents[1]

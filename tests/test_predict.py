@@ -21,6 +21,8 @@ from polypsam.data.transforms import box_from_mask, boxes_to_input, resize_image
 from polypsam.errors import ConfigError, DataError
 from polypsam.metrics import dice_iou
 from polypsam.predict import load_boxes_csv, plan_jobs, predict
+from polypsam.prompts.box import BoxPrompt
+from polypsam.prompts.point import PointPrompt
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -154,9 +156,12 @@ def test_per_component_boxes_from_masks(tmp_path):
     m[40:70, 60:110] = 255
     Image.fromarray(m).save(tmp_path / "m" / "two.png")
     tight = plan_jobs(tmp_path / "in", tmp_path / "m")
-    per = plan_jobs(tmp_path / "in", tmp_path / "m", box_mode="per_component")
+    per = plan_jobs(tmp_path / "in", tmp_path / "m", prompt=BoxPrompt(mode="per_component"))
+    clicks = plan_jobs(tmp_path / "in", tmp_path / "m", prompt=PointPrompt(num_positive=2))
     assert tight.jobs[0].boxes.tolist() == [[5, 5, 109, 69]]
     assert per.jobs[0].boxes.tolist() == [[60, 40, 109, 69], [5, 5, 29, 19]]  # largest first
+    assert clicks.jobs[0].boxes is None and clicks.jobs[0].prompts.points.shape == (1, 2, 2)
+    assert m[tuple(clicks.jobs[0].prompts.points[0, :, ::-1].astype(int).T)].all()  # both inside the masks
 
 
 def test_box_and_prompt_errors_name_the_image(tmp_path):
@@ -174,7 +179,7 @@ def test_box_and_prompt_errors_name_the_image(tmp_path):
         plan_jobs(tmp_path, box=[1, 1, 5, 5])
     with pytest.raises(ConfigError, match="not both"):
         plan_jobs(img, prompts=tmp_path, box=[1, 1, 5, 5])
-    with pytest.raises(ConfigError, match="SAM needs a box"):
+    with pytest.raises(ConfigError, match="SAM needs a prompt"):
         plan_jobs(img)
     (tmp_path / "b.json").write_text(json.dumps({"x": [[0, 0, 70, 10]]}))
     with pytest.raises(DataError, match=r"x\.png: box .* from b\.json is outside"):

@@ -19,7 +19,8 @@ import pytest
 from PIL import Image
 
 from polypsam.data.files import find_pairs
-from polypsam.data.prepare import load_kvasir_boxes, main
+from polypsam.data.kvasir_boxes import load_kvasir_boxes
+from polypsam.data.prepare import main
 from polypsam.errors import DataError
 
 N = 3

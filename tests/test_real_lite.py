@@ -10,7 +10,7 @@ import torch
 
 from polypsam.data.datamodule import PolypDataModule
 from polypsam.data.io import read_mask
-from polypsam.data.transforms import Resize, to_original
+from polypsam.inference import original_probabilities
 from polypsam.metrics import dice_iou
 from polypsam.models import build_model
 
@@ -28,13 +28,10 @@ def test_lite_zero_shot_dice_on_real_test_images(real_root):
         dices = []
         for batch in loader:
             with torch.no_grad():
-                logits, _ = net(batch["images"], batch["input_hw"], batch["boxes"], batch["box_image_index"])
-            for j in range(len(batch["names"])):
-                rz = Resize(tuple(batch["original_hw"][j].tolist()), tuple(batch["input_hw"][j].tolist()),
-                            net.spec.image_size)
-                prob = to_original(torch.sigmoid(logits[j, 0]), rz).numpy()
-                gt = read_mask(batch["mask_paths"][j])
-                dices.append(dice_iou(prob > 0.5, gt)[0])
+                logits, _ = net(batch.images, batch.input_hw, batch.prompts.boxes, batch.prompts.image_index)
+            for j, (prob, gt) in enumerate(zip(original_probabilities(logits, batch.resizes), batch.masks_original)):
+                assert np.array_equal(gt, read_mask(batch.mask_paths[j]))
+                dices.append(dice_iou(prob.numpy() > 0.5, gt)[0])
         scores[name] = float(np.mean(dices))
         assert len(dices) == 8
     print("LiteMedSAM zero-shot Dice (8 images per set, original resolution):", scores)

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from polypsam import weights
+from polypsam.download import sha256_file
 from polypsam.errors import CheckpointError
 from polypsam.weights import (
     ENV_VAR,
@@ -23,7 +24,6 @@ from polypsam.weights import (
     download,
     fetch_command,
     resolve_checkpoint,
-    sha256_file,
     verify,
 )
 
@@ -240,7 +240,7 @@ def test_cli_verify_table(tmp_path):
 
 def test_cli_download_checksum_error_is_one_line(server, tmp_path):
     r = _cli("download", "vit_b", "--dir", str(tmp_path), "--url", server.url, "--quiet")
-    assert r.returncode == 1
+    assert r.returncode == 2  # polypsam.cli.EXIT_ERROR, as every command
     err = r.stderr.strip()
     assert "\n" not in err and "Traceback" not in err
     assert err.startswith("error: ") and str(tmp_path / "sam_vit_b_01ec64.pth") in err and server.url in err

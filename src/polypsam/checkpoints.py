@@ -1,16 +1,108 @@
-"""Loading polypsam training checkpoints back into a model, with errors that say what went wrong."""
+"""polypsam training checkpoints: written atomically, checked before a resume, loaded back into a model.
+
+* :class:`AtomicCheckpointIO` / :func:`with_atomic_checkpoints`: a checkpoint is written next to its target
+  and renamed over it, so a SIGKILL during a save leaves the previous file intact.
+* :func:`check_resume_checkpoint` / :func:`resolve_ckpt_path`: ``ckpt_path`` (a file, a run directory or
+  ``last``) as a checked file that ``trainer.fit`` can resume from, with errors that say what to do.
+* :func:`read_checkpoint` / :func:`load_model`: the fine-tuned network of a checkpoint, for evaluation
+  and prediction.
+"""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.fabric.plugins import CheckpointIO
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
-from polypsam.errors import CheckpointError
+from polypsam.errors import CheckpointError, ConfigError
 from polypsam.models import build_model
 from polypsam.models.sam import PromptableSAM
 from polypsam.module import CHECKPOINT_KEY
+
+LAST_NAME = "last.ckpt"  # a run's resumable checkpoint, in <run>/checkpoints/
+
+# -- writing ------------------------------------------------------------------------------------------------
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Write to a temporary file in the target's folder, fsync, then rename over the target.
+
+    Lightning's own writer stages the file in the system temp folder and moves it; across file systems
+    (local /tmp, network scratch) that move is a copy, and a kill during the copy truncates ``last.ckpt``.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
+        if storage_options is not None or "://" in str(path):
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            with open(tmp, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+
+def with_atomic_checkpoints(plugins: list) -> list:
+    """``plugins`` plus :class:`AtomicCheckpointIO`, unless a checkpoint writer is already among them."""
+    plugins = list(plugins)
+    if not any(isinstance(p, CheckpointIO) for p in plugins):
+        plugins.append(AtomicCheckpointIO())
+    return plugins
+
+
+# -- resuming -----------------------------------------------------------------------------------------------
+
+
+def check_resume_checkpoint(path: str | Path, model_name: str | None = None) -> Path:
+    """A training checkpoint that ``trainer.fit(ckpt_path=...)`` can resume from, checked before anything is
+    built. Memory-mapped, so a large checkpoint is not read twice."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found; give a run's checkpoints/last.ckpt, or resume=<run dir>.")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except Exception as exc:  # torch raises many types for a bad file
+        raise CheckpointError(f"{path}: cannot read the checkpoint ({type(exc).__name__}: {str(exc)[:120]}); it is "
+                              f"corrupt or truncated. Resume from {path.parent / 'best.ckpt'} instead "
+                              f"(ckpt_path=<that file>), or start the run again.") from None
+    if not isinstance(ckpt, dict) or CHECKPOINT_KEY not in ckpt or "loops" not in ckpt:
+        raise CheckpointError(f"{path}: not a polypsam training checkpoint (no '{CHECKPOINT_KEY}' metadata or loop "
+                              "state); resume from a run's checkpoints/last.ckpt.")
+    saved = ckpt[CHECKPOINT_KEY].get("model")
+    if model_name is not None and saved != model_name:
+        raise CheckpointError(f"{path}: checkpoint is for model {saved!r}, but this run is model={model_name!r}; "
+                              f"resume with model={saved} (or resume=<its run dir>), or start a new run.")
+    return path
+
+
+def resolve_ckpt_path(ckpt_path: str | None, output_dir: str | Path, model_name: str | None = None) -> str | None:
+    """``ckpt_path`` as a checked file: a file as given, a run directory's ``checkpoints/last.ckpt``, or
+    ``last`` for this run's own (the CLI has already turned ``last`` into a file, see
+    :func:`polypsam.resume.resume_argv`)."""
+    if ckpt_path in (None, "", "null"):
+        return None
+    if str(ckpt_path) == "last":
+        path = Path(output_dir) / "checkpoints" / LAST_NAME
+        if not path.is_file():
+            raise ConfigError(f"ckpt_path=last: {path} does not exist; pass the run directory to resume: "
+                              "python -m polypsam.train resume=<run dir>.")
+    else:
+        path = Path(ckpt_path).expanduser()
+        if path.is_dir():
+            path = (path if path.name == "checkpoints" else path / "checkpoints") / LAST_NAME
+    return str(check_resume_checkpoint(path, model_name))
+
+
+# -- loading a model ----------------------------------------------------------------------------------------
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:

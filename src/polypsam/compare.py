@@ -15,17 +15,18 @@ from pathlib import Path
 import pandas as pd
 
 from polypsam import reporting as rep
-from polypsam.errors import PolypSamError
+from polypsam.cli import one_line, run_cli
+from polypsam.errors import ConfigError, DataError, PolypSamError
 
 
 def compare(paths: Sequence[str | Path], metric: str = "dice") -> pd.DataFrame:
     """A row per evaluation: identity columns, then ``<set> DSC`` / ``<set> mIoU``, the mean over sets."""
     if metric not in rep.PAIRS:
-        raise ValueError(f"--metric {metric!r}: choose one of {', '.join(rep.PAIRS)}.")
+        raise ConfigError(f"--metric {metric!r}: choose one of {', '.join(rep.PAIRS)}.")
     if not paths:
-        raise ValueError("give at least one run or evaluation directory.")
+        raise ConfigError("give at least one run or evaluation directory.")
     dkey, ikey = rep.PAIRS[metric]
-    evals = [rep.load_evaluation(p) for p in paths]
+    evals = [_load(p) for p in paths]
     sets = rep.ordered_sets([s for e in evals for s in e["summary"]["dataset"].astype(str)])
     rows = []
     for e in evals:
@@ -33,7 +34,7 @@ def compare(paths: Sequence[str | Path], metric: str = "dice") -> pd.DataFrame:
         by = rep.summary_rows_by_set(e["summary"])
         row = {"run": e["dir"].parent.name if e["dir"].name == "eval" else e["dir"].name,
                "backbone": m.get("model"), "strategy": m.get("strategy"), "split": m.get("split"),
-               "prompt": m.get("prompt", {}).get("mode"), "images": m.get("n_images"),
+               "prompt": m.get("prompt", {}).get("label") or m.get("prompt", {}).get("mode"), "images": m.get("n_images"),
                "unreadable": m.get("n_unreadable")}
         for s in sets:
             row[f"{s} DSC"] = by[s][dkey] if s in by else None
@@ -43,6 +44,15 @@ def compare(paths: Sequence[str | Path], metric: str = "dice") -> pd.DataFrame:
         row["eval_dir"] = str(e["dir"])
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def _load(path: str | Path) -> dict:
+    try:
+        return rep.load_evaluation(path)
+    except PolypSamError:
+        raise
+    except (OSError, ValueError) as exc:  # an unreadable or malformed summary.csv / meta.json
+        raise DataError(f"{path}: cannot read the evaluation ({type(exc).__name__}: {one_line(exc)}).") from None
 
 
 def to_markdown(table: pd.DataFrame, metric: str = "dice") -> str:
@@ -73,11 +83,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--metric", default="dice", choices=sorted(rep.PAIRS),
                     help="dice: per-image @0.5 (default); mean_dice: toolbox; row_dice: Polyp-SAM compat")
     args = ap.parse_args(argv)
-    try:
-        table = compare(args.runs, args.metric)
-    except (PolypSamError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    return run_cli(_write, args, return_code=True)  # a failure: one line on stderr, status 2 (polypsam.cli)
+
+
+def _write(args: argparse.Namespace) -> int:
+    table = compare(args.runs, args.metric)
     md = to_markdown(table, args.metric)
     print(md)
     if args.out:

@@ -9,15 +9,27 @@ from pathlib import Path
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from polypsam.data.demo import generate_demo_dataset
 from polypsam.data.embedding_cache import EmbeddingCache
 from polypsam.data.image_cache import ImageCache
+from polypsam.devices import AUTO_WORKERS_CAP, processes_per_node, resolve_num_workers
 from polypsam.errors import ConfigError
 from polypsam.models import build_model
 from polypsam.models.sam import PromptableSAM
+from polypsam.prompts import PromptType, build_prompt, prompt_config
 
 log = logging.getLogger(__name__)
 
 CONF_DIR = str(Path(__file__).resolve().parent / "conf")  # shipped inside the package (pip install .)
+
+def _auto_workers_resolver(cap=AUTO_WORKERS_CAP, *, _root_) -> int:
+    """``${auto_workers:4}`` in a config: ``resolve_num_workers("auto")`` for the processes ``trainer`` asks for."""
+    trainer_cfg = _root_.get("trainer") if OmegaConf.is_dict(_root_) else None
+    return resolve_num_workers("auto", processes=processes_per_node(trainer_cfg), cap=int(cap))
+
+
+if not OmegaConf.has_resolver("auto_workers"):  # registered on import: every entry point imports CONF_DIR from here
+    OmegaConf.register_new_resolver("auto_workers", _auto_workers_resolver)
 
 
 def derive_accumulation(effective_batch_size: int, batch_size: int, devices: int, num_nodes: int = 1
@@ -74,6 +86,12 @@ def image_cache_from_cfg(cfg: DictConfig, image_size: int, resize_method: str = 
     return ImageCache(icfg["dir"], image_size, resize_method)
 
 
+def prompt_from_cfg(cfg: DictConfig) -> PromptType:
+    """The run's prompt type from the ``prompt`` group (box when a config has none)."""
+    group = cfg.get("prompt")
+    return build_prompt(OmegaConf.to_container(group, resolve=True) if group is not None else None)
+
+
 def datamodule_from_cfg(cfg: DictConfig, image_size: int, embedding_cache: EmbeddingCache | None = None,
                         output_dir: str | None = None, resize_method: str = "pil_bilinear"):
     image_cache = image_cache_from_cfg(cfg, image_size, resize_method)
@@ -81,10 +99,15 @@ def datamodule_from_cfg(cfg: DictConfig, image_size: int, embedding_cache: Embed
     for key in ("effective_batch_size", "embedding_cache", "image_cache", "generate_demo"):
         d.pop(key, None)
     if cfg.data.get("generate_demo"):
-        from polypsam.data.demo import generate_demo_dataset
-
         generate_demo_dataset(d["root"])
     if output_dir is not None:
         d["output_dir"] = output_dir
+    if "check_cache" not in d:  # train/val images checked once: remembered beside the other caches
+        cache_dir = (cfg.get("paths") or {}).get("cache_dir")
+        d["check_cache"] = str(Path(cache_dir).expanduser() / "image_checks.json") if cache_dir else None
+    # "auto" given on the command line (the shipped default ${auto_workers:4} is an integer by now)
+    d["num_workers"] = resolve_num_workers(d.get("num_workers", 0), processes=processes_per_node(cfg.get("trainer")))
+    if cfg.data.get("num_workers") != d["num_workers"]:
+        cfg.data.num_workers = d["num_workers"]  # what evaluation after training reads
     return instantiate(d, image_size=image_size, embedding_cache=embedding_cache, resize_method=resize_method,
-                       image_cache=image_cache, _convert_="all")
+                       image_cache=image_cache, prompt=prompt_config(prompt_from_cfg(cfg)), _convert_="all")

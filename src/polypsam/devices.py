@@ -2,10 +2,62 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+
 import torch
 from omegaconf import OmegaConf
 
 from polypsam.errors import ConfigError
+
+AUTO_WORKERS_CAP = 4  # data.num_workers=${auto_workers:4}: the default cap of loader workers per process
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on: its affinity mask (taskset, cgroups, SLURM's binding), else the count."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        n = os.cpu_count() or 1
+    slurm = os.environ.get("SLURM_CPUS_PER_TASK", "")
+    return max(1, min(n, int(slurm)) if slurm.isdigit() else n)
+
+
+def processes_per_node(trainer_cfg=None) -> int:
+    """Training processes sharing this node's CPUs: torchrun's LOCAL_WORLD_SIZE, else ``trainer.devices``.
+    Under SLURM each task is given its own CPUs (SLURM_CPUS_PER_TASK), so it counts as one."""
+    if os.environ.get("SLURM_CPUS_PER_TASK", "").isdigit():
+        return 1
+    local = os.environ.get("LOCAL_WORLD_SIZE", "")
+    if local.isdigit() and int(local) > 0:
+        return int(local)
+    if trainer_cfg is None:
+        return 1
+    try:
+        return max(1, device_count(trainer_cfg.get("devices", 1), trainer_cfg.get("accelerator", "auto")))
+    except (ValueError, TypeError):
+        return 1
+
+
+def resolve_num_workers(value, processes: int = 1, cpus: int | None = None, cap: int = AUTO_WORKERS_CAP) -> int:
+    """``data.num_workers``: an integer is used as given; ``auto`` (or ``auto:<cap>``) gives each of the node's
+    ``processes`` (DDP ranks) ``min(cap, its share of the usable CPUs - 1)`` loader workers. The one CPU left
+    runs the training loop; 0 workers means loading in the main process (a 1-CPU share). On a 2-CPU machine
+    this is 1 worker, so PyTorch's over-subscription warning does not appear."""
+    if isinstance(value, bool):
+        raise ConfigError(f"data.num_workers={value}: give an integer >= 0 or auto.")
+    text = str(value).strip().lower()
+    if isinstance(value, int) or text.lstrip("-").isdigit():
+        n = int(text)
+        if n < 0:
+            raise ConfigError(f"data.num_workers={n}: give an integer >= 0 or auto.")
+        return n
+    if text.startswith("auto:") and text[5:].isdigit():
+        text, cap = "auto", int(text[5:])
+    if text != "auto":
+        raise ConfigError(f"data.num_workers={value!r}: give an integer >= 0, auto or auto:<cap>.")
+    share = (usable_cpus() if cpus is None else cpus) // max(1, processes)
+    return max(0, min(int(cap), share - 1))
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
@@ -48,3 +100,17 @@ def resolve_precision(precision, accelerator: str = "auto"):
     if accelerator not in ("auto", "gpu", "cuda") or not torch.cuda.is_available():
         return "32"
     return "bf16-mixed" if torch.cuda.get_device_capability() >= (8, 0) else "16-mixed"
+
+
+def autocast(device: torch.device, precision: str | int = "32"):
+    """The autocast context for inference at ``precision`` (32, bf16 or 16; Lightning's names accepted)."""
+    precision = str(precision)
+    if precision in ("32", "32-true", "fp32"):
+        return contextlib.nullcontext()
+    dtype = {"bf16": torch.bfloat16, "bf16-mixed": torch.bfloat16, "16": torch.float16, "16-mixed": torch.float16,
+             "fp16": torch.float16}.get(precision)
+    if dtype is None:
+        raise ConfigError(f"precision={precision}: choose 32, bf16 or 16.")
+    if dtype == torch.float16 and device.type == "cpu":
+        raise ConfigError("precision=16 needs a GPU; use precision=32 or bf16 on the CPU.")
+    return torch.autocast(device.type, dtype=dtype)

@@ -1,4 +1,12 @@
-"""Errors a user can act on: each names the file at fault and the fix."""
+"""Errors a user can act on: each names the file at fault and the fix.
+
+Import-light on purpose (any module may import it, the torch-free commands prepare and weights too): the
+standard library only. How the command line reports each of these is in :mod:`polypsam.cli`.
+"""
+
+import signal
+
+SIGTERM_EXIT_CODE = 128 + signal.SIGTERM  # 143: what a shell reports for a process ended by SIGTERM
 
 
 class PolypSamError(Exception):
@@ -15,3 +23,23 @@ class CheckpointError(PolypSamError, FileNotFoundError):
 
 class ConfigError(PolypSamError, ValueError):
     """A combination of settings that cannot work together."""
+
+
+class TrainingDiverged(PolypSamError, FloatingPointError):
+    """A non-finite loss or non-finite weights: training stops, the last good checkpoint stays."""
+
+
+class StoppedBySignal(SystemExit):
+    """Raised after SIGTERM once ``last.ckpt`` is saved; a ``SystemExit`` with status 143.
+
+    Like Lightning's ``SIGTERMException`` (which Lightning only raises, never catches) it is a SystemExit,
+    but not a subclass of it: importing that one class runs ``lightning/__init__`` (Trainer and torch,
+    several seconds), which this module must not cost.
+    """
+
+    def __init__(self, message: str):
+        super().__init__(SIGTERM_EXIT_CODE)
+        self.message = message
+
+    def __str__(self) -> str:  # SystemExit would print the status; a DDP rank's report shows this line
+        return self.message

@@ -25,12 +25,22 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import cloudpickle  # a dependency of submitit; unlike pickle it carries functions defined in __main__
 import lightning as L
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from lightning.fabric.plugins.environments import LSFEnvironment, SLURMEnvironment, TorchElasticEnvironment
+from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
+from torch.multiprocessing.spawn import ProcessException, ProcessExitedException
 
+from polypsam.cli import describe_failure, one_line
+from polypsam.config import prompt_from_cfg
+from polypsam.data.demo import generate_demo_dataset
 from polypsam.devices import device_count
-from polypsam.errors import ConfigError, PolypSamError
-from polypsam.models.sam import BOX_ONLY_UNUSED
+from polypsam.errors import SIGTERM_EXIT_CODE, ConfigError, PolypSamError, StoppedBySignal
 
 log = logging.getLogger("polypsam.launch")
 
@@ -66,28 +76,23 @@ def _finds_unused(cfg: DictConfig) -> bool:
 
 def check_unused_parameters(cfg: DictConfig) -> None:
     """DDP with ``find_unused_parameters=False`` stops at the first step if a trainable parameter gets no
-    gradient; with box prompts and a mask loss the parts in ``BOX_ONLY_UNUSED`` get none (the IoU head's
-    output is not in any loss). Say so before starting N processes."""
-    if _finds_unused(cfg) or cfg.strategy.get("freeze_box_unused", True):
+    gradient; each prompt type names the parts it never reaches (``PromptType.unused_parameters``: the IoU
+    head, the multimask heads, the unused prompt embeddings). Say so before starting N processes."""
+    if _finds_unused(cfg) or cfg.strategy.get("freeze_prompt_unused", True):
         return
+    prompt = prompt_from_cfg(cfg)
     frozen = list(cfg.strategy.get("freeze", []) or [])
-    left = [m for m in BOX_ONLY_UNUSED if not any(m == f or m.startswith(f + ".") for f in frozen)]
+    left = [m for m in prompt.unused_parameters if not any(m == f or m.startswith(f + ".") for f in frozen)]
     if left:
         raise ConfigError(
-            f"strategy.freeze_box_unused=false with DDP ({_strategy_name(cfg)}, "
-            f"find_unused_parameters=False): {', '.join(left)} stay trainable but get no gradient from box "
-            "prompts, and DDP stops on them. Keep strategy.freeze_box_unused=true (the default), or set "
-            "trainer.strategy=ddp_find_unused_parameters_true (slower: DDP searches the graph every step).")
+            f"strategy.freeze_prompt_unused=false with DDP ({_strategy_name(cfg)}, "
+            f"find_unused_parameters=False): {', '.join(left)} stay trainable but get no gradient from "
+            f"prompt={prompt.name}, and DDP stops on them. Keep strategy.freeze_prompt_unused=true (the default), "
+            "or set trainer.strategy=ddp_find_unused_parameters_true (slower: DDP searches the graph every step).")
 
 
 def _external_world() -> tuple[str, int, int] | None:
     """(environment, world size, global rank) when a cluster manager started this process as one rank."""
-    from lightning.fabric.plugins.environments import (
-        LSFEnvironment,
-        SLURMEnvironment,
-        TorchElasticEnvironment,
-    )
-
     if SLURMEnvironment.detect():
         return "SLURMEnvironment", int(os.environ["SLURM_NTASKS"]), int(os.environ["SLURM_PROCID"])
     if TorchElasticEnvironment.detect():
@@ -146,16 +151,10 @@ def free_port(host: str = "127.0.0.1") -> int:
 def _prepare_once(cfg: DictConfig) -> None:
     """Work that must not run on N ranks at once: the synthetic set is written non-atomically."""
     if cfg.data.get("generate_demo"):
-        from polypsam.data.demo import generate_demo_dataset
-
         generate_demo_dataset(cfg.data.root)
 
 
 def _spawn(fn, cfg: DictConfig, devices: int, nodes: int, force_lightning_env: bool = False) -> dict | None:
-    import cloudpickle  # a dependency of submitit; unlike pickle it carries functions defined in __main__
-    import torch.multiprocessing as mp
-    from torch.multiprocessing.spawn import ProcessException, ProcessExitedException
-
     out = Path(cfg.paths.output_dir)  # resolved here: ${hydra:...} does not resolve in a spawned rank
     ddp_dir = out / "ddp"
     ddp_dir.mkdir(parents=True, exist_ok=True)
@@ -239,11 +238,7 @@ def _spawn(fn, cfg: DictConfig, devices: int, nodes: int, force_lightning_env: b
 
 def _parent_error(err: dict, rank: int, world: int, ddp_dir: Path, got_sigterm: bool) -> BaseException:
     """The exception this process raises for a failed rank, so the CLI prints the line (and exit status) that
-    the same failure gives without DDP (``polypsam.faults.describe_failure``)."""
-    from lightning.pytorch.utilities.exceptions import SIGTERMException
-
-    from polypsam.faults import SIGTERM_EXIT_CODE, StoppedBySignal
-
+    the same failure gives without DDP (:func:`polypsam.cli.describe_failure`)."""
     if err.get("stopped"):
         return StoppedBySignal(err["stopped"])
     line = err.get("line") or ""
@@ -268,8 +263,6 @@ def _read_error(ddp_dir: Path, rank: int) -> dict | None:
 
 def _spawned_rank(local_rank: int, fn_bytes: bytes, container: dict, spec: dict) -> None:
     """Body of one spawned process: the environment Lightning reads for externally created ranks."""
-    import cloudpickle
-
     rank = spec["node_rank"] * spec["devices"] + local_rank
     os.environ.update(MASTER_ADDR=spec["addr"], MASTER_PORT=str(spec["port"]), WORLD_SIZE=str(spec["world"]),
                       RANK=str(rank), LOCAL_RANK=str(local_rank), NODE_RANK=str(spec["node_rank"]))
@@ -279,8 +272,6 @@ def _spawned_rank(local_rank: int, fn_bytes: bytes, container: dict, spec: dict)
         with open_dict(cfg):
             cfg.trainer.plugins = [{"_target_": "lightning.fabric.plugins.environments.LightningEnvironment"}]
     if "OMP_NUM_THREADS" not in os.environ and str(cfg.trainer.get("accelerator")) == "cpu":
-        import torch
-
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // spec["devices"]))  # N ranks share the cores
     results = _run_rank(cloudpickle.loads(fn_bytes), cfg, rank, spec["world"], "LightningEnvironment")
     if rank == 0:
@@ -311,9 +302,6 @@ def _rank_logging(path: Path) -> logging.Handler:
 
 def _run_rank(fn, cfg: DictConfig, rank: int, world: int, env: str) -> dict:
     """``fn(cfg)`` as global rank ``rank``: own log file, rank report, process group torn down at the end."""
-    import torch.distributed as dist
-    from lightning.pytorch.utilities import rank_zero_only
-
     rank_zero_only.rank = rank  # train() writes rank-0 files before Lightning would set this
     ddp_dir = Path(cfg.paths.output_dir) / "ddp"
     ddp_dir.mkdir(parents=True, exist_ok=True)
@@ -344,8 +332,6 @@ def _run_rank(fn, cfg: DictConfig, rank: int, world: int, env: str) -> dict:
 
 def _error_record(exc: BaseException, cfg: DictConfig) -> dict:
     """What the parent needs to report a rank's failure as the CLI would without DDP."""
-    from polypsam.faults import StoppedBySignal, describe_failure, one_line
-
     rec = {"type": type(exc).__name__, "message": one_line(exc) or repr(exc)}
     if isinstance(exc, StoppedBySignal):
         rec["stopped"] = exc.message
@@ -373,7 +359,7 @@ class RankReport(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self._batches += 1
-        self._names.extend(str(n) for n in batch.get("names", []))
+        self._names.extend(str(n) for n in batch.names)  # a polypsam.data.batch.Batch
 
     def on_train_epoch_end(self, trainer, pl_module):
         entry = {"epoch": trainer.current_epoch, "batches": self._batches, "images": len(self._names)}

@@ -1,4 +1,4 @@
-"""The LightningModule: box-prompted SAM fine-tuning with per-image Dice/IoU validation."""
+"""The LightningModule: prompted SAM fine-tuning, validated by per-image Dice/IoU at the original size."""
 
 from __future__ import annotations
 
@@ -9,13 +9,15 @@ from typing import Any
 
 import lightning as L
 import torch
-from torchmetrics.segmentation import DiceScore, MeanIoU
+from torchmetrics import MeanMetric
 
 from polypsam import __version__
+from polypsam.data.batch import Batch
 from polypsam.data.embedding_cache import EmbeddingCache
-from polypsam.errors import DataError
-from polypsam.faults import TrainingDiverged
+from polypsam.errors import DataError, TrainingDiverged
+from polypsam.inference import original_probabilities
 from polypsam.losses import SegmentationLoss
+from polypsam.metrics import dice_iou
 from polypsam.models.sam import PromptableSAM
 
 CHECKPOINT_KEY = "polypsam"
@@ -40,16 +42,6 @@ def valid_region(input_hw: torch.Tensor, size: int) -> torch.Tensor:
             & (r.view(1, 1, size) < input_hw[:, 1].view(-1, 1, 1))).unsqueeze(1).float()
 
 
-def _dice_metric():
-    # explicit arguments: per-image ("samplewise") Dice of the foreground class, averaged over images
-    return DiceScore(num_classes=2, include_background=False, average="micro", aggregation_level="samplewise",
-                     input_format="index")
-
-
-def _iou_metric():
-    return MeanIoU(num_classes=2, include_background=False, per_class=False, input_format="index")
-
-
 class PolypSAMModule(L.LightningModule):
     def __init__(self, net: PromptableSAM, loss: str = "dice", lr: float = 4e-6, weight_decay: float = 1e-4,
                  betas: tuple[float, float] = (0.9, 0.999), warmup_fraction: float = 0.15,
@@ -64,9 +56,8 @@ class PolypSAMModule(L.LightningModule):
         self.embedding_cache = embedding_cache
         self.resident: dict[str, torch.Tensor] = {}  # image key -> fp16 embedding on the device
         self.run_config = run_config or {}
-        self.val_dice, self.val_iou = _dice_metric(), _iou_metric()
-        self.test_metrics = torch.nn.ModuleDict()
-        self.test_set_names: list[str] = []
+        # the reported metric: per-image Dice/IoU at the original resolution (metrics.dice_iou, as evaluate)
+        self.val_dice, self.val_iou = MeanMetric(), MeanMetric()
         self.val_examples: dict[str, Any] | None = None  # first validation batch, for overlays
 
     # -- modes ----------------------------------------------------------------------------------------
@@ -83,44 +74,44 @@ class PolypSAMModule(L.LightningModule):
         return any(p.requires_grad for p in self.net.image_encoder.parameters())
 
     # -- forward --------------------------------------------------------------------------------------
-    def _embeddings(self, batch) -> torch.Tensor | None:
+    def _embeddings(self, batch: Batch) -> torch.Tensor | None:
         """Cached embeddings where the loader found them; the frozen encoder fills in and stores the rest."""
         if self.encoder_trainable:
             return None
         if self.embedding_cache is not None and self.embedding_cache.resident:
             return self._resident_embeddings(batch)
-        emb = batch.get("embeddings")
-        done = batch["embedded"].to(self.device)
+        emb = batch.embeddings
+        done = batch.embedded.to(self.device)
         if emb is not None and bool(done.all()):
             return emb.float()
         todo = (~done).nonzero().flatten()
         with torch.no_grad():
-            new = self.net.encode(batch["images"][todo], batch["input_hw"][todo])
+            new = self.net.encode(batch.images[todo], batch.input_hw[todo])
         if self.embedding_cache is not None:
             for j, t in enumerate(todo.tolist()):
-                self.embedding_cache.save(batch["keys"][t], new[j])
+                self.embedding_cache.save(batch.keys[t], new[j])
         if emb is None:
             return new
         emb = emb.float().clone()
         emb[todo] = new.to(emb.dtype)
         return emb
 
-    def _resident_embeddings(self, batch) -> torch.Tensor:
+    def _resident_embeddings(self, batch: Batch) -> torch.Tensor:
         """Embeddings kept in device memory: read from the disk cache or encoded once, then served from here."""
-        keys, store, cache = batch["keys"], self.resident, self.embedding_cache
-        on_disk = batch["embedded"].tolist()
+        keys, store, cache = batch.keys, self.resident, self.embedding_cache
+        on_disk = batch.embedded.tolist()
         for i, key in enumerate(keys):
             if key not in store and on_disk[i]:
                 emb = cache.load(key)
                 if emb is None:
-                    raise DataError(f"{cache.path(key)}: this embedding-cache entry of {batch['image_paths'][i]} "
+                    raise DataError(f"{cache.path(key)}: this embedding-cache entry of {batch.image_paths[i]} "
                                     "cannot be read; delete it and it is recomputed.")
                 store[key] = emb.to(self.device, torch.float16)
         todo = [i for i, key in enumerate(keys) if key not in store]
         if todo:
             idx = torch.tensor(todo, device=self.device)
             with torch.no_grad():
-                new = self.net.encode(batch["images"][idx], batch["input_hw"][idx])
+                new = self.net.encode(batch.images[idx], batch.input_hw[idx])
             for j, i in enumerate(todo):
                 cache.save(keys[i], new[j])
                 store[keys[i]] = new[j].to(torch.float16)
@@ -130,21 +121,20 @@ class PolypSAMModule(L.LightningModule):
     def on_fit_end(self):
         self.resident.clear()  # evaluation after fit reads its own test sets
 
-    def forward(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         emb = self._embeddings(batch)
-        return self.net(batch.get("images"), batch["input_hw"], batch["boxes"], batch["box_image_index"],
-                        embeddings=emb, encoder_grad=self.encoder_trainable)
+        pb = batch.prompts
+        return self.net(batch.images, batch.input_hw, pb.boxes, pb.image_index, embeddings=emb,
+                        encoder_grad=self.encoder_trainable, points=pb.point_pairs)
 
-    def _step(self, batch):
+    def _step(self, batch: Batch):
         logits, _ = self(batch)
-        valid = valid_region(batch["input_hw"], logits.shape[-1])
-        target = batch["masks"].float()
-        loss = self.loss_fn(logits, target, valid)
-        probs = torch.sigmoid(logits.float()) * valid
-        return loss, probs, target
+        valid = valid_region(batch.input_hw, logits.shape[-1])
+        loss = self.loss_fn(logits, batch.masks.float(), valid)
+        return loss, logits
 
-    def training_step(self, batch, batch_idx):
-        loss, _, _ = self._step(batch)
+    def training_step(self, batch: Batch, batch_idx):
+        loss, _ = self._step(batch)
         if not torch.isfinite(loss):
             # raised before backward and the optimiser step: nothing is saved from this state
             raise TrainingDiverged(
@@ -152,41 +142,22 @@ class PolypSAMModule(L.LightningModule):
                 f"{self.current_epoch}; the last good checkpoint is kept. Lower the learning rate "
                 "(scratch.lr), clip gradients (trainer.gradient_clip_val=1.0) or use trainer.precision=32 / "
                 "bf16-mixed.")
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(batch["names"]))
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(batch))
         return loss
 
-    def validation_step(self, batch, batch_idx):
-        loss, probs, target = self._step(batch)
-        pred, tgt = (probs > 0.5).long().squeeze(1), target.long().squeeze(1)
-        self.val_dice.update(pred, tgt)
-        self.val_iou.update(pred, tgt)
-        n = len(batch["names"])
+    def validation_step(self, batch: Batch, batch_idx):
+        """Loss on the canvas; Dice and IoU per image at the original resolution, as ``evaluate`` scores."""
+        loss, logits = self._step(batch)
+        probs = [p.cpu().numpy() for p in original_probabilities(logits, batch.resizes)]
+        scores = [dice_iou(p > 0.5, m) for p, m in zip(probs, batch.masks_original)]
+        n = len(batch)
+        self.val_dice.update(torch.tensor([d for d, _ in scores], dtype=torch.float64, device=self.device))
+        self.val_iou.update(torch.tensor([i for _, i in scores], dtype=torch.float64, device=self.device))
         self.log("val/loss", loss, on_epoch=True, batch_size=n, sync_dist=True)
         self.log("val/dice", self.val_dice, on_epoch=True, prog_bar=True, batch_size=n)
         self.log("val/iou", self.val_iou, on_epoch=True, batch_size=n)
         if batch_idx == 0:
-            self.val_examples = {"probs": probs.detach().float().cpu(), "batch": {
-                k: (v.cpu() if torch.is_tensor(v) else v) for k, v in batch.items()
-                if k not in ("embeddings",)}}
-
-    def on_test_start(self):
-        dm = self.trainer.datamodule
-        self.test_set_names = list(getattr(dm, "test_sets", {}) or [])
-        for name in self.test_set_names:
-            if name not in self.test_metrics:
-                self.test_metrics[name] = torch.nn.ModuleDict({"dice": _dice_metric(), "iou": _iou_metric()})
-        self.test_metrics.to(self.device)
-
-    def test_step(self, batch, batch_idx, dataloader_idx: int = 0):
-        name = self.test_set_names[dataloader_idx]
-        _, probs, target = self._step(batch)
-        pred, tgt = (probs > 0.5).long().squeeze(1), target.long().squeeze(1)
-        m = self.test_metrics[name]
-        m["dice"].update(pred, tgt)
-        m["iou"].update(pred, tgt)
-        n = len(batch["names"])
-        self.log(f"test/{name}/dice", m["dice"], batch_size=n, add_dataloader_idx=False)
-        self.log(f"test/{name}/iou", m["iou"], batch_size=n, add_dataloader_idx=False)
+            self.val_examples = {"probs": probs, "batch": batch}
 
     # -- optimisation ---------------------------------------------------------------------------------
     def configure_optimizers(self):

@@ -6,14 +6,19 @@ notebook and ``polypsam.compare`` can rebuild any table from an evaluation direc
 
 from __future__ import annotations
 
+import io
 import json
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from matplotlib.figure import Figure
 
 from polypsam.data.files import STANDARD_TEST_SETS
+from polypsam.data.io import read_image, read_mask
+from polypsam.drawing import overlay
+from polypsam.errors import DataError
 
 # Short column names used in the paper's tables.
 SHORT_NAMES = {"Kvasir": "Kvasir", "CVC-ClinicDB": "ClinicDB", "CVC-ColonDB": "ColonDB", "CVC-300": "CVC-300",
@@ -149,16 +154,12 @@ def robustness_markdown(robust: pd.DataFrame) -> str:
 
 def figure_png(fig, dpi: int | None = None) -> bytes:
     """PNG bytes of a figure (for notebooks: IPython.display.Image(figure_png(fig)))."""
-    import io
-
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi)
     return buf.getvalue()
 
 
 def robustness_figure(robust: pd.DataFrame):
-    from matplotlib.figure import Figure
-
     fig = Figure(figsize=(5.5, 3.8), dpi=110)
     ax = fig.subplots()
     for s in ordered_sets(robust["dataset"].astype(str).unique()):
@@ -177,10 +178,6 @@ def robustness_figure(robust: pd.DataFrame):
 
 def cases_figure(cases: Sequence[dict], title: str):
     """Rows of (image + box, ground truth, prediction + box); each case: image, gt, pred, boxes, label."""
-    from matplotlib.figure import Figure
-
-    from polypsam.drawing import overlay
-
     n = max(1, len(cases))
     fig = Figure(figsize=(10, 3.2 * n), dpi=100)
     axes = fig.subplots(n, 3, squeeze=False)
@@ -231,8 +228,6 @@ def find_eval_dir(path: str | Path) -> Path:
     for cand in (p, p / "eval"):
         if (cand / "summary.csv").is_file() and (cand / "meta.json").is_file():
             return cand
-    from polypsam.errors import DataError
-
     raise DataError(f"{p}: no evaluation found (looked for summary.csv and meta.json here and in "
                     f"{p / 'eval'}); run python -m polypsam.evaluate first, or pass the folder it wrote.")
 
@@ -249,8 +244,6 @@ def load_evaluation(path: str | Path) -> dict:
 
 def worst_cases_figure(evaluation: dict, n: int = 6, metric: str = "dice"):
     """The n lowest-scoring readable images over all sets, from the saved masks (save_masks=true)."""
-    from polypsam.data.io import read_image, read_mask
-
     d, per = evaluation["dir"], evaluation["per_image"]
     ok = per[(per["status"] == "ok") & per["pred_mask"].notna()].sort_values(metric).head(n)
     cases = []

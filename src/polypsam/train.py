@@ -19,19 +19,27 @@ import torch
 from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
+from rich.console import Console
+from rich.table import Table
 
+from polypsam.callbacks import EpochTimer
+from polypsam.checkpoints import resolve_ckpt_path, with_atomic_checkpoints
+from polypsam.cli import run_cli
 from polypsam.config import (
     CONF_DIR,
     datamodule_from_cfg,
     derive_accumulation,
     embedding_cache_from_cfg,
     model_from_cfg,
+    prompt_from_cfg,
 )
+from polypsam.data.files import find_test_sets
 from polypsam.devices import device_count, resolve_precision
-from polypsam.errors import PolypSamError
-from polypsam.faults import describe_failure, resolve_ckpt_path, resume_argv, with_atomic_checkpoints
+from polypsam.evaluation import evaluate_after_training
+from polypsam.launch import run_maybe_distributed
 from polypsam.models.freeze import freeze_strategy, parameter_counts
 from polypsam.module import PolypSAMModule
+from polypsam.resume import resume_argv
 
 log = logging.getLogger("polypsam.train")
 
@@ -42,9 +50,6 @@ def _instantiate_dict(group: DictConfig | None) -> list:
 
 @rank_zero_only
 def _print_parameters(counts: dict, frozen: list[str], accum: int, effective: int, cfg: DictConfig) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
     t = Table(title=f"{cfg.model.name} / strategy {cfg.strategy.name}")
     t.add_column("part")
     t.add_column("trainable", justify="right")
@@ -80,7 +85,9 @@ def train(cfg: DictConfig) -> dict:
         (out / "config_resolved.yaml").write_text(OmegaConf.to_yaml(resolved))
 
     net = model_from_cfg(cfg.model)
-    frozen = freeze_strategy(net, cfg.strategy.freeze, cfg.strategy.get("freeze_box_unused", True))
+    prompt = prompt_from_cfg(cfg)
+    unused = prompt.unused_parameters if cfg.strategy.get("freeze_prompt_unused", True) else ()
+    frozen = freeze_strategy(net, cfg.strategy.freeze, unused)
     cache = embedding_cache_from_cfg(cfg, net)
     # split.json and data_report.json are run files, written by global rank 0 only ("" = none)
     dm = datamodule_from_cfg(cfg, image_size=net.spec.image_size, embedding_cache=cache,
@@ -121,7 +128,7 @@ def train(cfg: DictConfig) -> dict:
     t0 = time.perf_counter()
     trainer.fit(module, datamodule=dm, ckpt_path=cfg.get("ckpt_path"))
     results["fit_seconds"] = time.perf_counter() - t0
-    timer = next((c for c in callbacks if c.__class__.__name__ == "EpochTimer"), None)
+    timer = next((c for c in callbacks if isinstance(c, EpochTimer)), None)
     if timer is not None and timer.durations:
         results["epoch_seconds"] = timer.durations
     ckpt_cb = trainer.checkpoint_callback
@@ -131,11 +138,8 @@ def train(cfg: DictConfig) -> dict:
         ckpt_cb.best_model_score is not None else None
     results["epochs"] = trainer.current_epoch
     if cfg.get("test_after_training") and best and rank_zero_only.rank == 0:
-        # the full evaluation (polypsam.evaluate) of the best checkpoint, on one process: per-image metrics,
+        # the full evaluation (polypsam.evaluation) of the best checkpoint, on one process: per-image metrics,
         # tables, masks and figures in <run>/eval/; no DistributedSampler duplicates to remove
-        from polypsam.data.files import find_test_sets
-        from polypsam.evaluate import evaluate_after_training
-
         if find_test_sets(cfg.data.root):
             evaluated = evaluate_after_training(cfg, best, out / "eval", trainer)
             results["test"] = evaluated.test_metrics()
@@ -155,27 +159,15 @@ def train(cfg: DictConfig) -> dict:
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
 def _hydra_main(cfg: DictConfig) -> float | None:
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
-    try:
-        from polypsam.launch import run_maybe_distributed
-
-        results = run_maybe_distributed(train, cfg)
-    except BaseException as exc:  # data errors, divergence, out of memory, SIGTERM: one line, no traceback
-        failure = describe_failure(exc, cfg)
-        if failure is None:
-            raise
-        print(failure.line, file=sys.stderr, flush=True)
-        sys.exit(failure.code)
+    # data errors, divergence, out of memory, SIGTERM: one line and its exit status (polypsam.cli)
+    results = run_cli(run_maybe_distributed, train, cfg, cfg=cfg)
     return (results or {}).get("best_val_dice")
 
 
 def main() -> float | None:
     """``resume=<run dir>`` / ``ckpt_path=last`` are turned into the run's own config and folder before Hydra
-    starts (Hydra would otherwise open a new run directory); see ``polypsam.faults.resume_argv``."""
-    try:
-        sys.argv = resume_argv(sys.argv)
-    except PolypSamError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    starts (Hydra would otherwise open a new run directory); see ``polypsam.resume.resume_argv``."""
+    sys.argv = run_cli(resume_argv, sys.argv)
     return _hydra_main()
 
 

@@ -1,8 +1,9 @@
 """The official SAM checkpoints: where they live, how to fetch them, and proof that they are intact.
 
-A 2.5 GB download breaks often, so `download` resumes a ``.part`` file with an HTTP Range request and
-only moves it into place once its sha256 matches. Hashing 2.5 GB takes seconds, so a verified file
-leaves a ``<file>.sha256ok`` stamp (size, mtime, digest) and is not hashed again until it changes.
+A 2.5 GB download breaks often, so `download` goes through :func:`polypsam.download.download_file`: it
+resumes a ``.part`` file with an HTTP Range request and only moves it into place once its sha256 matches.
+Hashing 2.5 GB takes seconds, so a verified file leaves a ``<file>.sha256ok`` stamp (size, mtime,
+digest) and is not hashed again until it changes.
 
 Command line::
 
@@ -13,25 +14,23 @@ Command line::
 from __future__ import annotations
 
 import argparse
-import hashlib
-import http.client
 import json
 import os
-import re
 import shlex
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.error import HTTPError, URLError
-from urllib.request import Request, urlopen
 
-from polypsam import __version__
-from polypsam.errors import CheckpointError, PolypSamError
+from rich.console import Console
+from rich.table import Table
+
+from polypsam.cli import EXIT_INTERRUPTED, run_cli
+from polypsam.download import DownloadError, download_file, part_path, sha256_file
+from polypsam.errors import CheckpointError
 
 BASE_URL = "https://dl.fbaipublicfiles.com/segment_anything/"
 ENV_VAR = "POLYPSAM_CHECKPOINT_DIR"
 STAMP_SUFFIX = ".sha256ok"
-PART_SUFFIX = ".part"
 
 
 @dataclass(frozen=True)
@@ -100,17 +99,6 @@ def _verify_command(directory: str | Path) -> str:
     return f"python -m polypsam.weights verify --dir {shlex.quote(str(directory))}"
 
 
-def _hash_into(h, path: str | Path, chunk: int = 1 << 20):
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    return _hash_into(hashlib.sha256(), path, chunk).hexdigest()
-
-
 # -- verification stamp ------------------------------------------------------------------------------
 
 def _stamp_path(path: Path) -> Path:
@@ -158,7 +146,7 @@ def resolve_checkpoint(name: str, directory: str | Path | None = None, verify: b
     folder = default_checkpoint_dir(directory)
     path = folder / spec.filename
     if not path.is_file():
-        part = path.with_name(path.name + PART_SUFFIX)
+        part = part_path(path)
         partial = f" A partial download {part} exists; the command resumes it." if part.exists() else ""
         raise CheckpointError(
             f"SAM {name} checkpoint not found: expected {path}. Fetch it from {spec.url} with: "
@@ -181,7 +169,7 @@ def verify(directory: str | Path | None = None) -> dict[str, str]:
         path = folder / spec.filename
         if path.is_file():
             status[name] = "ok" if _check(path, spec)[0] else "corrupt"
-        elif path.with_name(path.name + PART_SUFFIX).exists():
+        elif part_path(path).exists():
             status[name] = "partial"
         else:
             status[name] = "missing"
@@ -190,115 +178,18 @@ def verify(directory: str | Path | None = None) -> dict[str, str]:
 
 # -- download ----------------------------------------------------------------------------------------
 
-def _console():
-    from rich.console import Console
-
-    return Console(stderr=True)
-
-
-class _Restart(Exception):
-    """The .part cannot be resumed (the server rejected its range): start over."""
-
-
-def _content_range(value: str | None) -> tuple[int | None, int | None]:
-    """(first byte, total) from ``bytes a-b/N`` or ``bytes */N``; None where absent or ``*``."""
-    m = re.fullmatch(r"\s*bytes\s+(?:(\d+)-\d+|\*)/(\d+|\*)\s*", value or "")
-    if not m:
-        return None, None
-    start = int(m.group(1)) if m.group(1) is not None else None
-    total = int(m.group(2)) if m.group(2) != "*" else None
-    return start, total
-
-
-def _transfer(spec: CheckpointSpec, part: Path, directory: Path, progress: bool, timeout: float):
-    """Bring ``part`` to the full file (resuming where it can); return the running sha256 of it."""
-    offset = part.stat().st_size if part.exists() else 0
-    if spec.size is not None and offset > spec.size:
-        part.unlink()
-        offset = 0
-    hasher = _hash_into(hashlib.sha256(), part) if offset else hashlib.sha256()
-    if spec.size is not None and offset == spec.size:
-        return hasher  # an earlier run got every byte; the checksum decides
-
-    headers = {"User-Agent": f"polypsam/{__version__}"}
-    if offset:
-        headers["Range"] = f"bytes={offset}-"
-    retry = _spec_command(spec, directory)
-    try:
-        resp = urlopen(Request(spec.url, headers=headers), timeout=timeout)
-    except HTTPError as e:
-        if e.code == 416 and offset:
-            _, total = _content_range(e.headers.get("Content-Range"))
-            if total is None or total == offset:
-                return hasher  # nothing left to fetch; the checksum decides
-            part.unlink()
-            raise _Restart from None
-        raise CheckpointError(f"{spec.url} answered HTTP {e.code} {e.reason}; check the URL or fetch the file "
-                              f"yourself into {directory}, then run: {_verify_command(directory)}") from None
-    except (URLError, OSError, http.client.HTTPException) as e:
-        reason = getattr(e, "reason", e)
-        raise CheckpointError(
-            f"cannot reach {spec.url} ({reason}). If this machine is offline, download that URL in a browser or "
-            f"with wget on another machine, put {spec.filename} in {directory}, then run: "
-            f"{_verify_command(directory)}") from None
-
-    with resp:
-        if offset and resp.status == 206:
-            start, total = _content_range(resp.headers.get("Content-Range"))
-            if start != offset:
-                part.unlink()
-                raise _Restart
-            mode = "ab"
-        else:  # 200: the server ignored the Range header and sends the whole file
-            offset, hasher, mode = 0, hashlib.sha256(), "wb"
-            length = resp.headers.get("Content-Length")
-            total = int(length) if length and length.isdigit() else None
-        if spec.size is not None and total is not None and total != spec.size:
-            raise CheckpointError(f"{spec.url} serves {total} bytes but {spec.filename} has {spec.size}: not the "
-                                  f"official file; check the URL or fetch {BASE_URL + spec.filename} yourself")
-        received = offset
-        bar = None
-        if progress:
-            from rich.progress import (
-                BarColumn,
-                DownloadColumn,
-                Progress,
-                TextColumn,
-                TimeRemainingColumn,
-                TransferSpeedColumn,
-            )
-
-            bar = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
-                           TransferSpeedColumn(), TimeRemainingColumn(), console=_console())
-            task = bar.add_task(spec.filename, total=total, completed=offset)
-            bar.start()
-        try:
-            with open(part, mode) as f:
-                while True:
-                    try:
-                        block = resp.read(1 << 20)
-                    except (OSError, http.client.HTTPException) as e:
-                        raise CheckpointError(
-                            f"download of {spec.url} broke after {received} bytes ({e}); the partial file {part} "
-                            f"is kept, resume it with: {retry}") from None
-                    if not block:
-                        break
-                    try:
-                        f.write(block)
-                    except OSError as e:
-                        raise CheckpointError(f"cannot write {part} ({e.strerror}); free disk space or choose "
-                                              f"another folder with --dir, then resume with: {retry}") from None
-                    hasher.update(block)
-                    received += len(block)
-                    if bar is not None:
-                        bar.update(task, completed=received)
-        finally:
-            if bar is not None:
-                bar.stop()
-    if total is not None and received < total:  # http.client returns b"" on a cut connection
-        raise CheckpointError(f"download of {spec.url} broke after {received} of {total} bytes; the partial "
-                              f"file {part} is kept, resume it with: {retry}")
-    return hasher
+def _fix(kind: str, spec: CheckpointSpec, folder: Path) -> str:
+    """What to do after a failed download of ``spec`` (see polypsam.download.DownloadError's kinds)."""
+    retry, verify_cmd = _spec_command(spec, folder), _verify_command(folder)
+    return {
+        "unreachable": f"if this machine is offline, download that URL in a browser or with wget on another "
+                       f"machine, put {spec.filename} in {folder}, then run: {verify_cmd}",
+        "http": f"check the URL or fetch the file yourself into {folder}, then run: {verify_cmd}",
+        "interrupted": f"the partial file {part_path(folder / spec.filename)} is kept, resume it with: {retry}",
+        "write": f"free disk space or choose another folder with --dir, then resume with: {retry}",
+        "size": f"not the official file; check the URL or fetch {BASE_URL + spec.filename} yourself",
+        "checksum": f"it is corrupt or not the official file and was deleted. Retry with: {retry}",
+    }[kind]
 
 
 def download(spec: CheckpointSpec, directory: str | Path, progress: bool = True, timeout: float = 30.0) -> Path:
@@ -310,44 +201,26 @@ def download(spec: CheckpointSpec, directory: str | Path, progress: bool = True,
     final = folder / spec.filename
     if final.is_file() and _check(final, spec)[0]:
         if progress:
-            _console().print(f"{final} is already present and verified; not downloading it again.")
+            Console(stderr=True).print(f"{final} is already present and verified; not downloading it again.")
         return final
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise CheckpointError(f"cannot create the checkpoint folder {folder} ({e.strerror}); choose another "
                               f"with --dir or {ENV_VAR}") from None
-    part = final.with_name(final.name + PART_SUFFIX)
-    for attempt in range(2):
-        try:
-            hasher = _transfer(spec, part, folder, progress, timeout)
-            break
-        except _Restart:
-            if attempt:
-                raise CheckpointError(f"{spec.url} rejects resuming {part} twice; delete it and retry with: "
-                                      f"{_spec_command(spec, folder)}") from None
-
-    digest = hasher.hexdigest()
-    size = part.stat().st_size
-    if digest != spec.sha256 or (spec.size is not None and size != spec.size):
-        part.unlink(missing_ok=True)
-        raise CheckpointError(
-            f"{final}: the file downloaded from {spec.url} ({size} bytes) has sha256 {digest}, expected "
-            f"{spec.sha256}; it is corrupt or not the official file and was deleted. Retry with: "
-            f"{_spec_command(spec, folder)}")
-    os.replace(part, final)
-    _write_stamp(final, digest)
+    try:
+        download_file(spec.url, final, sha256=spec.sha256, size=spec.size, progress=progress, timeout=timeout)
+    except DownloadError as e:
+        raise CheckpointError(f"{e.reason}; {_fix(e.kind, spec, folder)}") from None
+    _write_stamp(final, spec.sha256)
     if progress:
-        _console().print(f"{final}: sha256 verified.")
+        Console(stderr=True).print(f"{final}: sha256 verified.")
     return final
 
 
 # -- command line ------------------------------------------------------------------------------------
 
 def _print_table(folder: Path, status: dict[str, str]) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
     style = {"ok": "green", "missing": "yellow", "partial": "yellow", "corrupt": "red"}
     table = Table(title=f"SAM checkpoints in {folder}")
     for col in ("name", "file", "status"):
@@ -396,22 +269,19 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if all(s == "ok" for s in status.values()) else 1
 
     wanted = names if "all" in args.names else list(dict.fromkeys(args.names))
-    try:
-        sources = [_source(name, args.url, len(wanted) > 1) for name in wanted]
-    except PolypSamError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    failed = False
-    for name, spec in zip(wanted, sources):
-        try:
-            download(spec, folder, progress=not args.quiet, timeout=args.timeout)
-        except PolypSamError as e:
-            print(f"error: {e}", file=sys.stderr)
-            failed = True
-        except KeyboardInterrupt:
-            print(f"interrupted; rerun to resume: {_command(name, folder, args.url)}", file=sys.stderr)
-            return 130
-    return 1 if failed else 0
+    # failures follow the command line's one policy (polypsam.cli): one line each, status 2; Ctrl-C 130
+    sources = run_cli(lambda: [_source(name, args.url, len(wanted) > 1) for name in wanted], return_code=True)
+    if isinstance(sources, int):
+        return sources
+    status = 0
+    for name, spec in zip(wanted, sources):  # one failed checkpoint does not stop the others
+        code = run_cli(lambda: download(spec, folder, progress=not args.quiet, timeout=args.timeout) and 0,
+                       return_code=True)
+        if code == EXIT_INTERRUPTED:
+            print(f"rerun to resume: {_command(name, folder, args.url)}", file=sys.stderr)
+            return code
+        status = status or code
+    return status
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""One image, its mask and its box prompts, preprocessed for a given model."""
+"""One image, its mask and its prompts, preprocessed for a given model."""
 
 from __future__ import annotations
 
@@ -14,43 +14,11 @@ from torch.utils.data import Dataset
 from polypsam.data.embedding_cache import EmbeddingCache, file_digest
 from polypsam.data.image_cache import ImageCache
 from polypsam.data.io import read_image, read_mask
-from polypsam.data.transforms import (
-    Resize,
-    box_from_mask,
-    boxes_per_component,
-    boxes_to_input,
-    jitter_boxes,
-    resize_image,
-    resize_mask,
-    resized_hw,
-)
+from polypsam.data.transforms import Resize, resize_image, resize_mask, resized_hw
 from polypsam.errors import DataError
+from polypsam.prompts import PromptType, seeded_rng
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class BoxPrompt:
-    """How box prompts are derived from a mask."""
-
-    mode: str = "tight"  # "tight": one box around all foreground (the paper); "per_component": one per polyp
-    jitter_px: float = 0.0  # each side moves by U(-j, j) pixels (original frame) ...
-    jitter_frac: float = 0.0  # ... plus U(-f, f) times the box side
-    min_component_area: int = 16
-
-    def __post_init__(self):
-        if self.mode not in ("tight", "per_component"):
-            raise DataError(f"data.box.mode={self.mode!r}: choose 'tight' or 'per_component'.")
-
-    def boxes(self, mask: np.ndarray, rng: np.random.Generator | None) -> np.ndarray:
-        if self.mode == "per_component":
-            boxes = boxes_per_component(mask, self.min_component_area)
-        else:
-            b = box_from_mask(mask)
-            boxes = np.zeros((0, 4), np.float32) if b is None else b[None]
-        if rng is not None:
-            boxes = jitter_boxes(boxes, mask.shape, rng, self.jitter_px, self.jitter_frac)
-        return boxes
 
 
 @dataclass
@@ -65,20 +33,26 @@ class Record:
 
 
 class PolypDataset(Dataset):
-    """Samples as SAM sees them: uint8 image on a square canvas, mask, boxes in the input frame.
+    """Samples as SAM sees them: uint8 image on a square canvas, mask, prompts in the input frame.
+
+    Training sets draw prompt noise (e.g. box jitter) anew each time; other sets prompt without noise,
+    with the draw of ``seeded_rng(prompt.seed, image path)`` where a prompt type samples (clicks), and
+    ship the mask at its original size for metrics (``original_masks``).
 
     Normalisation happens on the device (``PromptableSAM.normalize``) so that workers ship uint8.
     When an embedding cache holds the image's embedding, the image is not decoded at all; else an
     image cache, if given, serves it already resized (not to augmented sets: see ``__init__``).
     """
 
-    def __init__(self, records: list[Record], image_size: int, box: BoxPrompt, train: bool = False,
+    def __init__(self, records: list[Record], image_size: int, prompt: PromptType, train: bool = False,
                  augment=None, embedding_cache: EmbeddingCache | None = None,
-                 resize_method: str = "pil_bilinear", image_cache: ImageCache | None = None):
+                 resize_method: str = "pil_bilinear", image_cache: ImageCache | None = None,
+                 original_masks: bool = False):
         self.records = records
         self.image_size = image_size
         self.resize_method = resize_method
-        self.box = box
+        self.prompt = prompt if train else prompt.without_noise()
+        self.original_masks = original_masks
         self.train = train
         self.augment = augment
         self.cache = embedding_cache
@@ -95,11 +69,11 @@ class PolypDataset(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
-    def _rng(self) -> np.random.Generator | None:
-        if not self.train or (self.box.jitter_px <= 0 and self.box.jitter_frac <= 0):
-            return None
-        # drawn from torch's RNG: seeded per worker and epoch by Lightning's seed_everything(workers=True)
-        return np.random.default_rng(int(torch.randint(0, 2**62, (1,)).item()))
+    def _rng(self, rec: Record) -> np.random.Generator:
+        if self.train and self.prompt.stochastic:
+            # drawn from torch's RNG: seeded per worker and epoch by seed_everything(workers=True)
+            return np.random.default_rng(int(torch.randint(0, 2**62, (1,)).item()))
+        return seeded_rng(self.prompt.seed, rec.relpath)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         rec = self.records[i]
@@ -127,11 +101,11 @@ class PolypDataset(Dataset):
         elif encoded:  # the image is not decoded
             h, w = mask.shape
             rz = Resize((h, w), resized_hw(h, w, self.image_size), self.image_size)
-        boxes = self.box.boxes(mask, self._rng())
+        prompts = self.prompt.make(mask, self._rng(rec), noisy=self.train)
         item = {
             "mask": torch.from_numpy(resize_mask(mask, rz)).unsqueeze(0),
-            "boxes": torch.from_numpy(boxes_to_input(boxes, rz)),
-            "boxes_original": torch.from_numpy(boxes),
+            "prompts": prompts.to_input(rz),
+            "prompts_original": prompts,
             "input_hw": torch.tensor(rz.input_hw),
             "original_hw": torch.tensor(rz.original_hw),
             "index": i,
@@ -141,6 +115,8 @@ class PolypDataset(Dataset):
             "mask_path": str(rec.mask),
             "key": rec.key or "",
         }
+        if self.original_masks:
+            item["mask_original"] = mask
         if emb is not None:
             item["embedding"] = emb
         elif deferred:
@@ -173,29 +149,3 @@ class PolypDataset(Dataset):
                 return out["image"], out["mask"].astype(bool)
         log.debug("augmentation removed the polyp of %s three times; using it unaugmented", rec.image)
         return image, mask
-
-
-def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
-    """Stack per-image tensors; concatenate the boxes of all images with their image index."""
-    out: dict[str, Any] = {
-        "masks": torch.stack([it["mask"] for it in items]),
-        "input_hw": torch.stack([it["input_hw"] for it in items]),
-        "original_hw": torch.stack([it["original_hw"] for it in items]),
-        "boxes": torch.cat([it["boxes"] for it in items]).float(),
-        "box_image_index": torch.cat([torch.full((len(it["boxes"]),), j, dtype=torch.long)
-                                      for j, it in enumerate(items)]),
-        "boxes_original": [it["boxes_original"] for it in items],
-        "index": torch.tensor([it["index"] for it in items]),
-    }
-    for k in ("name", "source", "image_path", "mask_path", "key"):
-        out[k + "s"] = [it[k] for it in items]
-    # embedded: the module need not encode the image (its embedding came along, or is resident/on disk)
-    embedded = torch.tensor(["embedding" in it or "embedding_deferred" in it for it in items])
-    out["embedded"] = embedded
-    if any("embedding" in it for it in items):
-        ref = next(it["embedding"] for it in items if "embedding" in it)
-        out["embeddings"] = torch.stack([it.get("embedding", torch.zeros_like(ref)) for it in items])
-    if not embedded.all():
-        ref = next(it["image"] for it in items if "image" in it)
-        out["images"] = torch.stack([it.get("image", torch.zeros_like(ref)) for it in items])
-    return out

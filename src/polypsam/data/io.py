@@ -100,6 +100,16 @@ def image_size(path: str | Path) -> tuple[int, int]:
     return h, w
 
 
+def decoded_size(path: str | Path) -> tuple[int, int]:
+    """(height, width) after decoding every pixel: unlike :func:`image_size`, a truncated file fails here."""
+    img = _open(Path(path))
+    try:
+        w, h = img.size
+    finally:
+        img.close()
+    return h, w
+
+
 def atomic_write(path: str | Path, write: Callable[[BinaryIO], object]) -> None:
     """Write through a unique temporary file beside ``path`` and rename it into place.
 

@@ -7,7 +7,6 @@ from collections.abc import Sequence
 from torch import nn
 
 from polypsam.errors import ConfigError
-from polypsam.models.sam import BOX_ONLY_UNUSED
 
 STRATEGIES = {
     "dec": ("image_encoder", "prompt_encoder"),  # the paper's "Dec": only the mask decoder trains
@@ -15,18 +14,19 @@ STRATEGIES = {
 }
 
 
-def freeze_strategy(net: nn.Module, freeze: Sequence[str], freeze_box_unused: bool = True) -> list[str]:
+def freeze_strategy(net: nn.Module, freeze: Sequence[str], prompt_unused: Sequence[str] = ()) -> list[str]:
     """Freeze each named submodule (dotted path) and return the frozen module names.
 
-    ``freeze_box_unused`` also freezes the parameters that box-only, single-mask training never
-    reaches (see ``BOX_ONLY_UNUSED``), so DDP needs no ``find_unused_parameters``.
+    ``prompt_unused`` names the parts that the run's prompt type never reaches (``PromptType.
+    unused_parameters``): freezing them keeps DDP free of unused trainable parameters without
+    ``find_unused_parameters``. A model family without one of them skips it.
     """
     names = dict(net.named_modules())
     frozen = []
-    for path in list(freeze) + (list(BOX_ONLY_UNUSED) if freeze_box_unused else []):
+    for path in list(freeze) + [p for p in prompt_unused if p not in freeze]:
         if path not in names:
-            if path in BOX_ONLY_UNUSED:
-                continue  # a model family without this part
+            if path in prompt_unused:
+                continue
             tops = [n for n, _ in net.named_children()]
             raise ConfigError(f"strategy.freeze: {path!r} is not a submodule of the model; use dotted paths such "
                               f"as {', '.join(tops)} or image_encoder.blocks.0.")

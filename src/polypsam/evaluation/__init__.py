@@ -1,0 +1,17 @@
+"""Evaluation on PraNet's test sets: the library behind ``python -m polypsam.evaluate`` and training's
+final evaluation. ``runner`` predicts and scores, ``report`` writes the tables and figures, ``tasks``
+turns a config or a checkpoint into an evaluation."""
+
+from polypsam.evaluation.runner import EvalResult, collect_records, label, run_evaluation
+from polypsam.evaluation.settings import (
+           FAILURE_SCORES,
+           METRICS,
+           UNREADABLE_CONVENTION,
+           EvalSettings,
+           settings_from_cfg,
+)
+from polypsam.evaluation.tasks import evaluate, evaluate_after_training, evaluate_model, run_identity
+
+__all__ = ["FAILURE_SCORES", "METRICS", "UNREADABLE_CONVENTION", "EvalResult", "EvalSettings", "collect_records",
+           "evaluate", "evaluate_after_training", "evaluate_model", "label", "run_evaluation", "run_identity",
+           "settings_from_cfg"]

@@ -1,0 +1,222 @@
+"""Evaluate a network on every test set: per-image metrics at the original resolution, per-set means.
+
+Each image is encoded once; the main prompt and every point of the robustness sweep decode from that
+embedding (the encoder is the expensive part). Prompts are derived from each image's ground truth by the
+configured prompt type, with the seeded draw ``seeded_rng(prompt.seed, "<set>/<image>", noise)``, so a
+result does not depend on batch size or order.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from polypsam import __version__
+from polypsam.data.datamodule import PolypDataModule
+from polypsam.data.dataset import Record
+from polypsam.data.demo import generate_demo_dataset
+from polypsam.data.io import image_size as header_size
+from polypsam.errors import DataError
+from polypsam.evaluation.settings import FAILURE_SCORES, METRICS, EvalSettings
+from polypsam.inference import ImageItems, Predictor, as_list
+from polypsam.metrics import dice_iou, score_image, summarize
+from polypsam.models.sam import PromptableSAM
+from polypsam.prompts import PromptSet, PromptType, prompt_config, seeded_rng
+
+log = logging.getLogger("polypsam.evaluate")
+
+
+@dataclass
+class EvalResult:
+    out_dir: Path
+    summary: pd.DataFrame
+    per_image: pd.DataFrame
+    robustness: pd.DataFrame | None
+    meta: dict
+    preds: dict  # (set, image) -> packed binary prediction and its shape, for figures and W&B
+
+    def test_metrics(self) -> dict[str, float]:
+        """``test/<set>/dice`` and ``test/<set>/iou``, the keys training writes to results.json."""
+        out = {}
+        for r in self.summary.to_dict("records"):
+            out[f"test/{r['dataset']}/dice"] = float(r["dice"])
+            out[f"test/{r['dataset']}/iou"] = float(r["iou"])
+        return out
+
+
+def collect_records(root: str | Path, test_sets, limit_test, split_seed: int, generate_demo: bool = False
+                    ) -> dict[str, list[Record]]:
+    """Every TestDataset folder (paper order first), a seeded subset with ``limit_test``: the same records
+    that a training run's data module lists."""
+    if generate_demo:
+        generate_demo_dataset(root)
+    dm = PolypDataModule(root=str(root), test_sets=list(test_sets) if test_sets else None,
+                         limit_test=limit_test, split_seed=split_seed, num_workers=0)
+    dm.setup("test")
+    if not dm.test_sets:
+        raise DataError(f"{Path(root) / 'TestDataset'}: no test sets found; expected "
+                        "TestDataset/<name>/{images,masks} under data.root (python -m polypsam.data.prepare "
+                        "builds this layout).")
+    return {name: ds.records for name, ds in dm.test_sets.items()}
+
+
+def check_sizes(records: list[Record]) -> dict[str, str]:
+    """Header check before any model work: a mask of another size is an error, an unreadable image noted."""
+    unreadable = {}
+    for r in records:
+        mh = header_size(r.mask)  # an unreadable mask is an error: without ground truth nothing is scored
+        try:
+            ih = header_size(r.image)
+        except DataError as exc:
+            unreadable[str(r.image)] = str(exc)
+            continue
+        if ih != mh:
+            raise DataError(f"{r.mask}: mask is {mh[1]}x{mh[0]} but its image {r.image} is {ih[1]}x{ih[0]}; "
+                            "masks must have their image's size. Re-export the mask at the image's size or "
+                            "remove the pair.")
+    return unreadable
+
+
+def format_prompts(p: PromptSet) -> str:
+    """Boxes as ``x0,y0,x1,y1;...`` (per_image.csv's ``box`` column); clicks as ``x,y,label;...``."""
+    if p.boxes is not None:
+        return ";".join(",".join(f"{v:.1f}" for v in b) for b in p.boxes)
+    if p.points is not None:
+        return ";".join(f"{x:.1f},{y:.1f},{int(lab)}" for pts, labs in zip(p.points, p.labels)
+                        for (x, y), lab in zip(pts, labs))
+    return ""
+
+
+def _unreadable_row(set_name: str, rec: Record, item: dict, noise_levels: list[float]) -> dict:
+    h, w = item["mask"].shape
+    return {"dataset": set_name, "image": rec.name, "status": "unreadable", "height": h, "width": w,
+            **FAILURE_SCORES, "n_prompts": 0, "box": "", "error": item["error"], "image_path": str(rec.image),
+            "mask_path": str(rec.mask), "pred_mask": None,
+            **{f"dice_noise_{n:g}": 0.0 for n in noise_levels}}
+
+
+def _prompts(prompt: PromptType, ok: list[dict], keys: list[str], noise: float) -> list[PromptSet]:
+    return [prompt.make(it["mask"], seeded_rng(prompt.seed, k, noise), noisy=True) for it, k in zip(ok, keys)]
+
+
+def _evaluate_batch(predictor: Predictor, ok: list[dict], recs: list[Record], set_name: str,
+                    settings: EvalSettings, out: Path, preds: dict) -> list[dict]:
+    """Encode the batch once; decode the main prompt and every sweep point from those embeddings; score."""
+    prompt = settings.prompt
+    resizes = [it["resize"] for it in ok]
+    keys = [f"{set_name}/{recs[it['index']].name}" for it in ok]
+    emb = predictor.encode(torch.stack([it["canvas"] for it in ok]), resizes)
+    main = predictor.decode(emb, resizes, _prompts(prompt, ok, keys, prompt.noise))
+    sweep: dict[float, list[float]] = {}
+    for n in settings.noise_levels:
+        # the main prompt is the sweep point at its own noise: same prompts, same draw
+        pn = main if n == prompt.noise else predictor.decode(
+            emb, resizes, _prompts(prompt.with_noise(n), ok, keys, n))
+        sweep[n] = [dice_iou(p.prob > settings.threshold, it["mask"])[0] for p, it in zip(pn, ok)]
+    rows = []
+    for j, (it, pred) in enumerate(zip(ok, main)):
+        rec = recs[it["index"]]
+        binary = pred.prob > settings.threshold
+        scores = score_image(pred.prob, it["mask"], threshold=settings.threshold)
+        rel_mask = None
+        if settings.save_masks:
+            rel_mask = f"masks/{set_name}/{rec.name}.png"
+            (out / rel_mask).parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(binary.astype(np.uint8) * 255).save(out / rel_mask)
+        preds[(set_name, rec.name)] = (np.packbits(binary), binary.shape)
+        h, w = binary.shape
+        rows.append({"dataset": set_name, "image": rec.name, "status": "ok", "height": h, "width": w,
+                     **scores, "n_prompts": len(pred.prompts), "box": format_prompts(pred.prompts), "error": "",
+                     "image_path": str(rec.image), "mask_path": str(rec.mask), "pred_mask": rel_mask,
+                     **{f"dice_noise_{n:g}": sweep[n][j] for n in settings.noise_levels}})
+    return rows
+
+
+def _summaries(per_image: pd.DataFrame, set_names, noise_levels: list[float], seed: int
+               ) -> tuple[pd.DataFrame, pd.DataFrame | None]:
+    summary_rows, robust_rows = [], []
+    for set_name in set_names:
+        sub = per_image[per_image["dataset"] == set_name]
+        stats = summarize(sub[list(METRICS)].to_dict("records"), keys=METRICS, seed=seed)
+        bad = sub[sub["status"] == "unreadable"]["image"].tolist()
+        summary_rows.append({"dataset": set_name, "n_images": int(stats.pop("n_images")),
+                             "n_unreadable": len(bad), **stats, "unreadable": ";".join(bad)})
+        for n in noise_levels:
+            col = sub[f"dice_noise_{n:g}"].to_numpy(float)
+            r = summarize([{"dice": v} for v in col], keys=["dice"], seed=seed)
+            robust_rows.append({"dataset": set_name, "noise": n, "dice": r["dice"],
+                                "dice_ci_low": r["dice_ci_low"], "dice_ci_high": r["dice_ci_high"],
+                                "n_images": int(r["n_images"])})
+    return pd.DataFrame(summary_rows), (pd.DataFrame(robust_rows) if robust_rows else None)
+
+
+def label(identity: dict) -> str:
+    if identity.get("strategy") in (None, "zero-shot"):
+        return f"{identity['model']} zero-shot"
+    return f"{identity['model']} {identity['strategy']} ({identity.get('split', '?')})"
+
+
+def run_evaluation(net: PromptableSAM, root: str | Path, out_dir: str | Path, settings: EvalSettings,
+                   test_sets=None, limit_test: int | None = None, split_seed: int = 42,
+                   identity: dict | None = None, generate_demo: bool = False, verbose: bool = True
+                   ) -> EvalResult:
+    """Predict and score every test image; the tables and figures are ``evaluation.report``'s job."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    predictor = Predictor(net, settings.device)
+    record_sets = collect_records(root, test_sets, limit_test, split_seed, generate_demo)
+    unreadable_known = {}
+    for recs in record_sets.values():
+        unreadable_known.update(check_sizes(recs))
+
+    noise_levels = settings.noise_levels
+    rows: list[dict] = []
+    preds: dict = {}
+    compute_seconds = 0.0  # model and scoring, without data loading
+    for set_name, recs in record_sets.items():
+        items = ImageItems([r.image for r in recs], net.spec, [r.mask for r in recs],
+                           known_unreadable=unreadable_known)
+        loader = DataLoader(items, batch_size=settings.batch_size, shuffle=False,
+                            num_workers=settings.num_workers, collate_fn=as_list)
+        set_t0 = time.perf_counter()
+        for batch in loader:
+            ok = []
+            for it in batch:
+                if it["status"] == "mask_error":
+                    raise DataError(it["error"])
+                if it["status"] == "unreadable":
+                    log.warning("unreadable image, scored as a failure: %s", it["error"])
+                    rows.append(_unreadable_row(set_name, recs[it["index"]], it, noise_levels))
+                else:
+                    ok.append(it)
+            if ok:
+                t0 = time.perf_counter()
+                rows += _evaluate_batch(predictor, ok, recs, set_name, settings, out, preds)
+                compute_seconds += time.perf_counter() - t0
+        if verbose:
+            print(f"[evaluate] {set_name}: {len(recs)} images in {time.perf_counter() - set_t0:.1f} s",
+                  flush=True)
+
+    per_image = pd.DataFrame(rows)
+    summary, robustness = _summaries(per_image, record_sets, noise_levels, settings.bootstrap_seed)
+    identity = {"model": net.spec.name, "strategy": "zero-shot", "split": "none", "checkpoint": None,
+                **(identity or {})}
+    p = settings.prompt
+    meta = {**identity, "label": label(identity), "polypsam_version": __version__, "data_root": str(root),
+            "prompt": {**prompt_config(p), "label": p.label(), "description": p.describe()}, "robustness_noise": noise_levels,
+            "compat_row_dice": settings.compat_row_dice, "threshold": settings.threshold,
+            "limit_test": limit_test, "split_seed": split_seed, "device": str(predictor.device),
+            "test_sets": {n: len(r) for n, r in record_sets.items()}, "n_images": len(per_image),
+            "n_unreadable": int((per_image["status"] == "unreadable").sum()),
+            "compute_seconds": round(compute_seconds, 2),
+            "wall_seconds": round(time.perf_counter() - t_start, 2)}  # inference and scoring
+    return EvalResult(out, summary, per_image, robustness, meta, preds)
