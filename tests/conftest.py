@@ -41,3 +41,11 @@ def small_root(real_root, tmp_path) -> Path:
     _copy_pairs(real_root / "TestDataset" / "Kvasir", root / "TestDataset" / "Kvasir", 3)
     _copy_pairs(real_root / "TestDataset" / "CVC-ClinicDB", root / "TestDataset" / "CVC-ClinicDB", 3)
     return root
+
+
+def pytest_collection_modifyitems(config, items):
+    """Every test on the real images (``real_root``, directly or through ``small_root``) is ``slow``:
+    ``make test-fast`` runs the rest in under two minutes."""
+    for item in items:
+        if "real_root" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)

@@ -197,6 +197,7 @@ def _compose(*overrides):
         return compose("eval", overrides=list(overrides))
 
 
+@pytest.mark.slow  # a subprocess or a training run
 def test_bad_checkpoints_and_missing_model(tmp_path, tiny_run):
     _, run, _, _ = tiny_run
     common = [f"paths.output_dir={tmp_path / 'o'}", f"data.root={tmp_path / 'none'}"]
@@ -322,6 +323,7 @@ def test_compare_merges_runs(tiny_eval, tmp_path, capsys):
     assert "no evaluation found" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # a subprocess or a training run
 def test_cli_bad_input_is_one_line(tiny_run, tmp_path):
     root, run, _, _ = tiny_run
     proc = run_cli("polypsam.evaluate", f"ckpt_path={run / 'checkpoints' / 'best.ckpt'}", "model=lite",

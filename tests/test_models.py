@@ -63,7 +63,8 @@ def _batch(spec, b=2, boxes_per_image=(1, 2), seed=0):
     return images, input_hw, torch.tensor(boxes, dtype=torch.float32), torch.tensor(idx)
 
 
-CPU_MODELS = ["tiny", "lite"]
+# the pretrained LiteMedSAM takes seconds per case: the full suite runs it, make test-fast the tiny model
+CPU_MODELS = ["tiny", pytest.param("lite", marks=pytest.mark.slow)]
 
 
 @pytest.fixture(scope="module", params=CPU_MODELS)

@@ -23,6 +23,7 @@ def tiny_eval_dir(tmp_path) -> Path:
     return out
 
 
+@pytest.mark.slow  # a subprocess or a training run
 def test_analysis_notebook_executes(tiny_eval_dir, monkeypatch):
     monkeypatch.setenv("POLYPSAM_EVAL_DIR", str(tiny_eval_dir))
     monkeypatch.setenv("PYTHONPATH", str(REPO / "src"))  # the kernel is a subprocess of this environment

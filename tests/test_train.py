@@ -68,6 +68,7 @@ def test_dec_strategy_fills_and_reuses_the_embedding_cache(small_root, tmp_path)
     assert a["best_val_dice"] == pytest.approx(b["best_val_dice"], abs=1e-3)
 
 
+@pytest.mark.slow  # a subprocess or a training run
 def test_bad_input_is_one_clear_line(tmp_path):
     proc = run_train("+experiment=tiny", "data=pranet", f"data.root={tmp_path / 'missing'}",
                      f"paths.root_dir={tmp_path}", f"hydra.run.dir={tmp_path / 'run'}", check=False)
@@ -80,6 +81,7 @@ def test_bad_input_is_one_clear_line(tmp_path):
     assert proc.returncode == 2 and "mutually exclusive" in proc.stderr
 
 
+@pytest.mark.slow  # a subprocess or a training run
 def test_wandb_offline_logs_metrics_and_overlays(tmp_path):
     run = tmp_path / "run"
     run_train("+experiment=tiny", "logger=wandb", "logger.wandb.offline=true", f"paths.root_dir={tmp_path}",
