@@ -353,3 +353,24 @@ def test_lite_zero_shot_on_real_test_sets(real_root, tmp_path):
     assert all(d >= 0.85 for d in dices), dices
     rob = pd.read_csv(ev / "robustness.csv")
     assert len(rob) == 8 and (rob["dice"] > 0.5).all()
+
+
+@pytest.mark.slow  # a subprocess
+def test_evaluate_cli_with_clicks(tiny_run):
+    """prompt=point in the evaluation command: clicks from each ground truth, recorded per image; no noise
+    sweep (clicks have no noise axis), and the same images and metrics as with boxes."""
+    root, run, ev_box, _ = tiny_run
+    tmp = ev_box.parent
+    ev = tmp / "ev_points"
+    run_cli("polypsam.evaluate", f"ckpt_path={run / 'checkpoints' / 'best.ckpt'}", f"data.root={root}",
+            "data.num_workers=0", "prompt=point", "prompt.num_positive=2", "prompt.num_negative=1",
+            "figures=false", f"hydra.run.dir={ev}", tmp=tmp)
+    per = pd.read_csv(ev / "per_image.csv")
+    assert per[["dataset", "image", "status"]].equals(pd.read_csv(ev_box / "per_image.csv")[["dataset", "image", "status"]])
+    assert (per["n_prompts"] == (per["status"] == "ok") * (per["image"] != "c1_empty")).all()  # one click set each
+    ok = per[per["status"] == "ok"]
+    clicks = [c for c in ok["box"] if isinstance(c, str)]
+    assert clicks and all(len(c.split(";")) == 3 and c.endswith(",0") for c in clicks)  # 2 inside, 1 outside
+    assert not (ev / "robustness.csv").exists()
+    meta = json.loads((ev / "meta.json").read_text())
+    assert meta["prompt"]["type"] == "point" and meta["prompt"]["label"] == "point 2+1"
