@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from polypsam.data.io import MASK_THRESHOLD, atomic_write, decoded_size, read_mask_report
+from polypsam.data.io import MASK_THRESHOLD, atomic_write, decoded_size, read_mask_report, size_mismatch
 from polypsam.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -116,8 +116,7 @@ def _check_one(image: Path, mask: Path, cache: CheckCache) -> tuple[PairCheck, i
     else:
         mask_hw, foreground, nonbinary = tuple(hit["hw"]), bool(hit["foreground"]), int(hit["nonbinary"])
     if image_hw != mask_hw:
-        raise DataError(f"{mask}: mask is {mask_hw[1]}x{mask_hw[0]} but its image {image} is "
-                        f"{image_hw[1]}x{image_hw[0]}; masks must have their image's size.")
+        raise size_mismatch(mask, mask_hw, image, image_hw)
     return PairCheck(image_hw, mask_hw, foreground, nonbinary), decoded
 
 

@@ -13,9 +13,8 @@ from torch.utils.data import Dataset
 
 from polypsam.data.embedding_cache import EmbeddingCache, file_digest
 from polypsam.data.image_cache import ImageCache
-from polypsam.data.io import read_image, read_mask
+from polypsam.data.io import read_image, read_mask, size_mismatch
 from polypsam.data.transforms import Resize, resize_image, resize_mask, resized_hw
-from polypsam.errors import DataError
 from polypsam.prompts import PromptType, seeded_rng
 
 log = logging.getLogger(__name__)
@@ -91,8 +90,7 @@ class PolypDataset(Dataset):
         if not encoded and canvas is None:
             image = read_image(rec.image)
             if image.shape[:2] != mask.shape:
-                raise DataError(f"{rec.mask}: mask is {mask.shape[1]}x{mask.shape[0]} but its image {rec.image} is "
-                                f"{image.shape[1]}x{image.shape[0]}; masks must have their image's size.")
+                raise size_mismatch(rec.mask, mask.shape, rec.image, image.shape[:2])
             if self.augment is not None:
                 image, mask = self._augment(image, mask, rec)
             canvas, rz = resize_image(image, self.image_size, self.resize_method)

@@ -110,6 +110,13 @@ def decoded_size(path: str | Path) -> tuple[int, int]:
     return h, w
 
 
+def size_mismatch(mask, mask_hw, image, image_hw, fix: str = "re-export the mask at the image's size or "
+                  "remove the pair") -> DataError:
+    """The one error for a mask whose (h, w) differs from its image's: both files, both sizes, the fix."""
+    return DataError(f"{mask}: mask is {mask_hw[1]}x{mask_hw[0]} but its image {image} is {image_hw[1]}x"
+                     f"{image_hw[0]}; masks must have their image's size: {fix}.")
+
+
 def atomic_write(path: str | Path, write: Callable[[BinaryIO], object]) -> None:
     """Write through a unique temporary file beside ``path`` and rename it into place.
 

@@ -24,6 +24,7 @@ from polypsam.data.datamodule import PolypDataModule
 from polypsam.data.dataset import Record
 from polypsam.data.demo import generate_demo_dataset
 from polypsam.data.io import image_size as header_size
+from polypsam.data.io import size_mismatch
 from polypsam.errors import DataError
 from polypsam.evaluation.settings import FAILURE_SCORES, METRICS, EvalSettings
 from polypsam.inference import ImageItems, Predictor, as_list
@@ -79,9 +80,7 @@ def check_sizes(records: list[Record]) -> dict[str, str]:
             unreadable[str(r.image)] = str(exc)
             continue
         if ih != mh:
-            raise DataError(f"{r.mask}: mask is {mh[1]}x{mh[0]} but its image {r.image} is {ih[1]}x{ih[0]}; "
-                            "masks must have their image's size. Re-export the mask at the image's size or "
-                            "remove the pair.")
+            raise size_mismatch(r.mask, mh, r.image, ih)
     return unreadable
 
 

@@ -7,7 +7,7 @@ from typing import Any
 
 from torch.utils.data import Dataset
 
-from polypsam.data.io import read_image, read_mask
+from polypsam.data.io import read_image, read_mask, size_mismatch
 from polypsam.errors import DataError
 from polypsam.inference.predictor import preprocess
 from polypsam.models.sam import ModelSpec
@@ -47,10 +47,8 @@ class ImageItems(Dataset):
         except DataError as exc:  # truncated or corrupt: reported, the rest goes on
             return {**item, "status": "unreadable", "error": str(exc)}
         if "mask" in item and image.shape[:2] != item["mask"].shape:
-            h, w = item["mask"].shape
-            return {**item, "status": "mask_error",
-                    "error": f"{self.masks[i]}: mask is {w}x{h} but its image {path} is {image.shape[1]}x"
-                             f"{image.shape[0]}; masks must have their image's size."}
+            err = size_mismatch(self.masks[i], item["mask"].shape, path, image.shape[:2])
+            return {**item, "status": "mask_error", "error": str(err)}
         item["canvas"], item["resize"] = preprocess(image, self.spec)
         if self.keep:
             item["image"] = image

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from polypsam.cli import one_line
-from polypsam.data.io import IMAGE_EXTENSIONS, image_size, read_mask_report
+from polypsam.data.io import IMAGE_EXTENSIONS, image_size, read_mask_report, size_mismatch
 from polypsam.data.kvasir_boxes import load_kvasir_boxes
 from polypsam.errors import ConfigError, DataError
 from polypsam.prompts import PromptSet, PromptType, seeded_rng
@@ -205,8 +205,7 @@ def plan_jobs(input: str | Path, prompts: str | Path | None = None, box=None, pr
                 continue
             rep = read_mask_report(m)  # an unreadable prompt mask is an error naming it
             if rep.mask.shape != sizes[img]:
-                raise DataError(f"{m}: mask is {rep.mask.shape[1]}x{rep.mask.shape[0]} but its image {img} is "
-                                f"{sizes[img][1]}x{sizes[img][0]}; a prompt mask must have its image's size.")
+                raise size_mismatch(m, rep.mask.shape, img, sizes[img], "a prompt mask is drawn on its image")
             made = prompt.make(rep.mask, seeded_rng(prompt.seed, img.stem), noisy=True)
             if len(made) == 0:
                 plan.skip("empty_prompt_mask", str(m))

@@ -14,7 +14,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 from PIL import Image
 
-from polypsam.data.io import read_image, read_mask_report
+from polypsam.data.io import read_image, read_mask_report, size_mismatch
 from polypsam.data.prepare.boxes import BOXES_NAME, box_stats, boxes_file, read_published, tight_box
 from polypsam.data.prepare.detect import Found
 from polypsam.data.prepare.sources import Tree
@@ -129,8 +129,8 @@ def write_set(found: Found, root: Path, force: bool, counts: Counts, progress) -
         _, mpath = tree.local(mask_rel, "mask")
         mr = _decode(read_mask_report, tree, mask_rel, mpath)
         if mr.mask.shape != rgb.shape[:2]:
-            raise DataError(f"{tree.display(mask_rel)}: mask is {mr.mask.shape[1]}x{mr.mask.shape[0]} but its image "
-                            f"{tree.display(img_rel)} is {rgb.shape[1]}x{rgb.shape[0]}; fix or remove the pair")
+            raise size_mismatch(tree.display(mask_rel), mr.mask.shape, tree.display(img_rel), rgb.shape[:2],
+                                "fix or remove the pair")
         res.thresholded += mr.nonbinary_pixels
         res.digests[f"{found.out_rel}/images/{name}"] = put(out / "images" / name, payload, force, counts)
         res.digests[f"{found.out_rel}/masks/{stem}.png"] = put(
