@@ -67,6 +67,7 @@ def test_data_throughput_smoke(real_root, tmp_path):
     assert row["image_cache_mib_per_image"] > 0 and row["embedding_cache_mib_per_image"] == pytest.approx(2.0, 0.01)
 
 
+@pytest.mark.slow  # a subprocess
 def test_missing_data_root_is_a_clear_error(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "NO_ALBUMENTATIONS_UPDATE": "1"}
     proc = subprocess.run([sys.executable, str(BENCH / "data_throughput.py"), "--smoke", "--data-root",

@@ -229,6 +229,7 @@ def _cli(*args):
                           text=True, env=env, timeout=60)
 
 
+@pytest.mark.slow  # a subprocess
 def test_cli_verify_table(tmp_path):
     (tmp_path / "sam_vit_b_01ec64.pth").write_bytes(b"garbage")
     r = _cli("verify", "--dir", str(tmp_path))
@@ -238,6 +239,7 @@ def test_cli_verify_table(tmp_path):
     assert "sam_vit_h_4b8939.pth" in rows["vit_h"]
 
 
+@pytest.mark.slow  # a subprocess
 def test_cli_download_checksum_error_is_one_line(server, tmp_path):
     r = _cli("download", "vit_b", "--dir", str(tmp_path), "--url", server.url, "--quiet")
     assert r.returncode == 2  # polypsam.cli.EXIT_ERROR, as every command
