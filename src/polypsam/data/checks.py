@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -19,7 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from polypsam.data.io import MASK_THRESHOLD, atomic_write, decoded_size, read_mask_report, size_mismatch
+from polypsam.devices import usable_cpus
 from polypsam.errors import DataError
+from polypsam.progress import count_bar
 
 log = logging.getLogger(__name__)
 
@@ -121,12 +122,8 @@ def _check_one(image: Path, mask: Path, cache: CheckCache) -> tuple[PairCheck, i
 
 
 def _progress_bar(total: int) -> tuple[Callable[[], None], Callable[[], None]]:
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    bar = Progress(TextColumn("checking images"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                   console=Console(stderr=True))
-    task = bar.add_task("check", total=total)
+    bar = count_bar()
+    task = bar.add_task("checking images", total=total)
     bar.start()
     return (lambda: bar.advance(task)), bar.stop
 
@@ -163,10 +160,7 @@ def check_pairs(pairs: Sequence[tuple[Path, Path]], cache_file: str | Path | Non
                 advance()
 
     if threads is None:
-        try:
-            threads = len(os.sched_getaffinity(0))
-        except AttributeError:
-            threads = os.cpu_count() or 1
+        threads = usable_cpus()
     try:
         if todo and threads > 1:  # Pillow and numpy release the GIL while decoding
             with ThreadPoolExecutor(max_workers=min(threads, 8)) as pool:

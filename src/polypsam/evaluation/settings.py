@@ -7,6 +7,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from polypsam.devices import resolve_num_workers
 from polypsam.prompts import PromptType, build_prompt
 from polypsam.prompts.box import BoxPrompt
 
@@ -49,8 +50,7 @@ def settings_from_cfg(cfg, num_workers: int | None = None, prompt: PromptType | 
     rob = _plain(cfg.get("robustness"))
     if num_workers is None:
         num_workers = (cfg.get("data") or {}).get("num_workers", 0)
-    if not isinstance(num_workers, int):
-        num_workers = 0  # "auto" and the like: evaluation decodes in the main process unless told otherwise
+    num_workers = resolve_num_workers(num_workers)  # an integer, or auto: as in training
     noise = rob.get("noise")
     if prompt is None:
         prompt = build_prompt(_plain(cfg.get("prompt")) or None)

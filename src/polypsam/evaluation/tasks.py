@@ -29,9 +29,10 @@ def evaluate_model(net: PromptableSAM, root: str | Path, out_dir: str | Path,
                    generate_demo: bool = False, verbose: bool = True) -> EvalResult:
     """Evaluate ``net`` on every test set under ``root`` and write every output into ``out_dir``."""
     t_start = time.perf_counter()
-    result = run_evaluation(net, root, out_dir, settings or EvalSettings(), test_sets, limit_test, split_seed,
-                            identity, generate_demo, verbose)
-    write_outputs(result, settings or EvalSettings())
+    settings = settings or EvalSettings()
+    result = run_evaluation(net, root, out_dir, settings, test_sets, limit_test, split_seed, identity,
+                            generate_demo, verbose)
+    write_outputs(result, settings)
     if wandb_run is not None:
         log_wandb(wandb_run, result)
     result.meta["total_seconds"] = round(time.perf_counter() - t_start, 2)  # with figures and logging

@@ -9,15 +9,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 from torch.utils.data import DataLoader
 
 from polypsam.cli import one_line
@@ -27,6 +18,7 @@ from polypsam.errors import ConfigError
 from polypsam.inference import ImageItems, Prediction, Predictor, as_list
 from polypsam.models.sam import PromptableSAM
 from polypsam.prediction.plan import Job, Plan
+from polypsam.progress import count_bar
 
 
 def _write_outputs(job: Job, out: Path, pred: Prediction, threshold: float, seconds: dict,
@@ -59,11 +51,6 @@ def _write_outputs(job: Job, out: Path, pred: Prediction, threshold: float, seco
     return record
 
 
-def _progress(enabled: bool) -> Progress:
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    TimeRemainingColumn(), console=Console(stderr=True), disable=not enabled)
-
-
 def run_prediction(net: PromptableSAM, plan: Plan, out_dir: str | Path, identity: dict | None = None,
                    batch_size: int = 8, num_workers: int = 0, device: str | torch.device = "auto",
                    precision: str = "32", threshold: float = 0.5, overlays: bool = True,
@@ -79,7 +66,7 @@ def run_prediction(net: PromptableSAM, plan: Plan, out_dir: str | Path, identity
     loader = DataLoader(items, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=as_list)
     done, model_seconds = 0, 0.0
     t_start = time.perf_counter()
-    with _progress(progress) as bar:
+    with count_bar(progress) as bar:
         task = bar.add_task("predicting", total=len(plan.jobs))
         for batch in loader:
             good = [it for it in batch if it["status"] == "ok"]

@@ -7,7 +7,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
 from polypsam.data.prepare.detect import detect_sets
 from polypsam.data.prepare.fetch import DOWNLOADS, fetch_all
@@ -15,6 +14,7 @@ from polypsam.data.prepare.report import load_report, print_summary, write_repor
 from polypsam.data.prepare.sources import open_sources
 from polypsam.data.prepare.write import Counts, SetResult, write_set
 from polypsam.errors import DataError
+from polypsam.progress import count_bar
 
 
 @dataclass
@@ -56,8 +56,7 @@ def prepare(sources: list[str | Path], root: str | Path, *, download: bool = Fal
         try:
             found = detect_sets(srcs, trees, skipped_archives)
             root.mkdir(parents=True, exist_ok=True)
-            with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                          console=console, transient=True) as progress:
+            with count_bar(console=console, transient=True) as progress:
                 for f in found:
                     results[f.out_rel] = write_set(f, root, force, counts, progress)
         finally:
