@@ -3,6 +3,8 @@
 Merges evaluations into one table, a row per run (backbone x strategy x split x prompt) and the test sets as
 columns with DSC / mIoU sub-columns, written as Markdown and CSV. This is how the paper's Tables 1 to 3 come
 out of a sweep: Table 1 (backbone x strategy) and Table 3 (training data) are rows of the same table.
+With --out, provenance.md and provenance.csv trace every row to its config, split, checkpoint, version,
+commit, hardware and wall-clock time (polypsam.provenance_table).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import pandas as pd
 from polypsam import reporting as rep
 from polypsam.cli import one_line, run_cli
 from polypsam.errors import ConfigError, DataError, PolypSamError
+from polypsam.provenance_table import provenance_markdown, provenance_rows
 
 
 def compare(paths: Sequence[str | Path], metric: str = "dice") -> pd.DataFrame:
@@ -79,7 +82,7 @@ def markdown_table_with_align(headers, rows, n_left: int) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m polypsam.compare", description=__doc__.split("\n\n")[1])
     ap.add_argument("runs", nargs="+", help="training run directories (with eval/) or evaluation directories")
-    ap.add_argument("--out", help="folder for compare.md and compare.csv (default: print the Markdown only)")
+    ap.add_argument("--out", help="folder for compare.md/.csv and provenance.md/.csv (default: print the table)")
     ap.add_argument("--metric", default="dice", choices=sorted(rep.PAIRS),
                     help="dice: per-image @0.5 (default); mean_dice: toolbox; row_dice: Polyp-SAM compat")
     args = ap.parse_args(argv)
@@ -95,7 +98,11 @@ def _write(args: argparse.Namespace) -> int:
         out.mkdir(parents=True, exist_ok=True)
         (out / "compare.md").write_text(md)
         table.to_csv(out / "compare.csv", index=False)
-        print(f"wrote {out / 'compare.md'} and {out / 'compare.csv'}")
+        prov = provenance_rows(list(zip(table["run"], [_load(p) for p in args.runs])))
+        (out / "provenance.md").write_text(provenance_markdown(prov, out))
+        prov.to_csv(out / "provenance.csv", index=False)
+        print(f"wrote {out / 'compare.md'}, {out / 'compare.csv'}, {out / 'provenance.md'} and "
+              f"{out / 'provenance.csv'}")
     return 0
 
 

@@ -39,6 +39,7 @@ from polypsam.evaluation import evaluate_after_training
 from polypsam.launch import run_maybe_distributed
 from polypsam.models.freeze import freeze_strategy, parameter_counts
 from polypsam.module import PolypSAMModule
+from polypsam.provenance import record as record_provenance
 from polypsam.resume import resume_argv
 
 log = logging.getLogger("polypsam.train")
@@ -83,6 +84,7 @@ def train(cfg: DictConfig) -> dict:
     resolved = OmegaConf.to_container(cfg, resolve=True)
     if rank_zero_only.rank == 0:
         (out / "config_resolved.yaml").write_text(OmegaConf.to_yaml(resolved))
+        record_provenance(out)  # version, git commit, hardware: provenance.json, one entry per session
 
     net = model_from_cfg(cfg.model)
     prompt = prompt_from_cfg(cfg)

@@ -20,6 +20,7 @@ from polypsam.data.embedding_cache import EmbeddingCache, file_digest
 from polypsam.data.files import find_pairs, find_test_sets
 from polypsam.data.image_cache import ImageCache
 from polypsam.data.sampler import EpochShuffleSampler
+from polypsam.data.specks import speck_report
 from polypsam.data.splits import make_split, read_split, write_split
 from polypsam.devices import processes_per_node, resolve_num_workers
 from polypsam.errors import ConfigError, DataError
@@ -120,6 +121,8 @@ class PolypDataModule(L.LightningDataModule):
             recs, skipped = self._checked([by_rel[p] for p in chosen])
             self.report[part] = {"images": len(chosen), "used": len(recs), "skipped_empty_mask": skipped,
                                  "masks_thresholded": dict(self._thresholded)}
+            if self.output_dir is not None:  # masks whose literal tight box a speck stretches (data/specks.py)
+                self.report[part]["specks"] = speck_report([r.mask for r in recs], self.root)
             if skipped:
                 log.warning("%d %s images have an empty mask and give no prompt: skipped (listed in "
                             "data_report.json)", len(skipped), part)

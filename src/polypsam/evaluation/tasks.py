@@ -19,6 +19,7 @@ from polypsam.evaluation.runner import EvalResult, run_evaluation
 from polypsam.evaluation.settings import EvalSettings, settings_from_cfg
 from polypsam.models import available_models
 from polypsam.models.sam import PromptableSAM
+from polypsam.provenance import record as record_provenance
 
 log = logging.getLogger("polypsam.evaluate")
 
@@ -36,6 +37,7 @@ def evaluate_model(net: PromptableSAM, root: str | Path, out_dir: str | Path,
     if wandb_run is not None:
         log_wandb(wandb_run, result)
     result.meta["total_seconds"] = round(time.perf_counter() - t_start, 2)  # with figures and logging
+    record_provenance(result.out_dir)  # version, git commit, hardware: provenance.json
     (result.out_dir / "meta.json").write_text(json.dumps(result.meta, indent=1, default=str))
     if verbose:
         print(console_summary(result), flush=True)
@@ -96,6 +98,7 @@ def evaluate(cfg) -> EvalResult:
     else:
         raise ConfigError("nothing to evaluate: give ckpt_path=<run>/checkpoints/best.ckpt, or model=<name> "
                           f"for a zero-shot baseline (registered models: {', '.join(available_models())}).")
+    (out / "config_resolved.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))  # compare links it
     run = _wandb_from_cfg(cfg, out, identity)
     try:
         return evaluate_model(net, cfg.data.root, out, settings, identity=identity, wandb_run=run,

@@ -16,9 +16,10 @@ from PIL import Image
 from rich.console import Console
 from rich.table import Table
 
-from polypsam.data.files import STANDARD_TEST_SETS, find_pairs
+from polypsam.data.files import STANDARD_TEST_SETS, ImageMaskPair, find_pairs
 from polypsam.data.io import IMAGE_EXTENSIONS, image_size
 from polypsam.data.prepare.write import Counts, SetResult, put
+from polypsam.data.specks import speck_report
 from polypsam.download import sha256_file
 from polypsam.errors import DataError
 
@@ -63,13 +64,13 @@ def _sets_on_disk(root: Path) -> list[str]:
     return rels
 
 
-def _check_set(root: Path, rel: str) -> tuple[int, list[str]]:
+def _check_set(root: Path, rel: str) -> tuple[list[ImageMaskPair], list[str]]:
     """(pairs, problems) for one output set: pairing, equal sizes, masks strictly 0/255."""
     folder = root / rel
     try:
         pairs = find_pairs(folder / "images", folder / "masks")
     except DataError as e:
-        return 0, [" ".join(str(e).split())]
+        return [], [" ".join(str(e).split())]
     problems = []
     for p in pairs:
         try:
@@ -82,7 +83,7 @@ def _check_set(root: Path, rel: str) -> tuple[int, list[str]]:
                     problems.append(f"{p.mask}: not an 8-bit 0/255 mask (mode {m.mode}, values {values[:6].tolist()})")
         except (DataError, OSError) as e:
             problems.append(" ".join(str(e).split()))
-    return len(pairs), problems
+    return pairs, problems
 
 
 def _manifest(root: Path, rels: list[str], known: dict[str, str]) -> bytes:
@@ -117,7 +118,8 @@ def write_report(root: Path, results: dict[str, SetResult], previous: dict, down
     for rel in rels:
         res = results.get(rel)
         old = old_sets.get(rel) if isinstance(old_sets.get(rel), dict) else {}
-        n, problems = _check_set(root, rel)
+        pairs, problems = _check_set(root, rel)
+        n = len(pairs)
         expected = EXPECTED_COUNTS.get(rel)
         set_warnings = list(res.warnings) if res else []
         if problems:
@@ -137,6 +139,8 @@ def write_report(root: Path, results: dict[str, SetResult], previous: dict, down
             "problems": problems[:20],
             "warnings": set_warnings,
         }
+        if not problems:  # masks whose literal tight box a speck stretches, named (polypsam.data.specks)
+            entry["specks"] = speck_report([p.mask for p in pairs], root)
         if res and res.boxes is not None:
             entry["kvasir_boxes"] = res.boxes
         elif not res and "kvasir_boxes" in old:
@@ -182,6 +186,11 @@ def print_summary(console: Console, root: Path, report: dict, counts: Counts) ->
             console.print(f"{rel} boxes: {b['differ']} of {b['compared']} ({frac}) differ by more than "
                           f"{b['tolerance_px']} px from the mask's tight box; {b['multi_box']} image(s) have "
                           "several boxes", soft_wrap=True)
+        s = e.get("specks")
+        if s and s["stretched"]:
+            console.print(f"{rel}: {s['stretched']} of {s['masks']} masks have a speck that stretches the literal "
+                          f"tight box by more than {s['growth_above']:.0%} (components under {s['min_area']} px; "
+                          f"named in {REPORT_NAME})", soft_wrap=True)
     for w in report["warnings"]:
         console.print(f"[yellow]warning:[/] {w}", soft_wrap=True)
     changes = counts.written + counts.removed

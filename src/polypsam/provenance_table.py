@@ -1,0 +1,145 @@
+"""The provenance table of ``python -m polypsam.compare``: what every row's numbers trace back to.
+
+Per row (one evaluation): the resolved config (the training run's ``config_resolved.yaml``, or the
+evaluation's own for a zero-shot row), the split file and its sha256, the checkpoint's sha256, the
+polypsam version, the git commit and hardware of training and of evaluation (``provenance.json``,
+:mod:`polypsam.provenance`), and the wall-clock time of each. Paths in the Markdown are links relative
+to the folder it is written to; the CSV holds full paths and digests. What a run did not record (a run
+from before provenance.json existed, a checkpoint moved away) is ``–``, never guessed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import pandas as pd
+
+from polypsam import provenance
+from polypsam.download import sha256_file
+from polypsam.reporting import markdown_table
+
+MISSING = "–"
+
+
+def _checkpoint(evaluation: dict) -> Path | None:
+    """The evaluated checkpoint: the path in meta.json, else the same file name in the run folder the
+    evaluation sits in (a results folder copied elsewhere)."""
+    ckpt = evaluation["meta"].get("checkpoint")
+    if not ckpt:
+        return None
+    path = Path(ckpt)
+    beside = evaluation["dir"].parent / "checkpoints" / path.name
+    return path if path.is_file() else beside if beside.is_file() else path
+
+
+def _run_dir(ckpt: Path | None) -> Path | None:
+    if ckpt is None:
+        return None
+    return ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
+
+
+def _file(path: Path | None) -> Path | None:
+    return path if path is not None and path.is_file() else None
+
+
+def _once(values) -> str | None:
+    """The distinct values in order, joined by `` / ``; None when there is none."""
+    return " / ".join(dict.fromkeys(v for v in values if v)) or None
+
+
+def _sessions(sessions: list[dict]) -> dict:
+    """Commit(s), version(s) and hardware of the recorded sessions, each listed once."""
+    commits = []
+    for s in sessions:
+        git = s.get("git") or {}
+        commits.append(f"{git['commit']}{'+dirty' if git.get('dirty') else ''}" if git.get("commit")
+                       else git.get("note") and "not a git checkout")
+    hardware = []
+    for s in sessions:
+        hw = s.get("hardware") or {}
+        hardware.append(f"{hw.get('gpus')}x {hw['gpu']}" if hw.get("gpu") else
+                        hw.get("cpu") and f"{hw['cpu']} ({hw.get('cpus')} cores)")
+    return {"commit": _once(commits), "version": _once(s.get("polypsam_version") for s in sessions),
+            "hardware": _once(hardware), "sessions": len(sessions)}
+
+
+def _train_seconds(run: Path | None) -> float | None:
+    try:
+        res = json.loads((run / "results.json").read_text()) if run is not None else {}
+    except (OSError, ValueError):
+        return None
+    parts = [res.get("fit_seconds"), res.get("zero_shot_val_seconds")]
+    return sum(float(p) for p in parts if p is not None) if res.get("fit_seconds") is not None else None
+
+
+def provenance_rows(named_evaluations: list[tuple[str, dict]]) -> pd.DataFrame:
+    """A row per (row name, evaluation from :func:`polypsam.reporting.load_evaluation`)."""
+    rows = []
+    for name, e in named_evaluations:
+        ckpt = _checkpoint(e)
+        run = _run_dir(ckpt)
+        config = _file(run / "config_resolved.yaml") if run else _file(e["dir"] / "config_resolved.yaml")
+        split = _file(run / "split.json") if run else None
+        train, ev = _sessions(provenance.read(run) if run else []), _sessions(provenance.read(e["dir"]))
+        rows.append({
+            "run": name, "config": config, "split": split, "split_sha256": split and sha256_file(split),
+            "checkpoint": ckpt, "checkpoint_sha256": _file(ckpt) and sha256_file(ckpt),
+            "polypsam_version": _once([train["version"], e["meta"].get("polypsam_version")]),
+            "train_commit": train["commit"], "eval_commit": ev["commit"],
+            "train_hardware": train["hardware"], "eval_hardware": ev["hardware"],
+            "train_sessions": train["sessions"] if run else None,
+            "train_seconds": _train_seconds(run),
+            "eval_seconds": e["meta"].get("total_seconds", e["meta"].get("wall_seconds")),
+            "eval_dir": e["dir"],
+        })
+    table = pd.DataFrame(rows)
+    table["train_sessions"] = table["train_sessions"].astype("Int64")  # a count, empty for zero-shot rows
+    return table
+
+
+def _link(path, out: Path, label: str) -> str:
+    if path is None or (isinstance(path, float) and pd.isna(path)):
+        return MISSING
+    return f"[{label}]({Path(os.path.relpath(Path(path).resolve(), out.resolve())).as_posix()})"
+
+
+def _short(value, n: int = 12) -> str:
+    return MISSING if value is None or (isinstance(value, float) and pd.isna(value)) else str(value)[:n]
+
+
+def _commit(value) -> str:
+    """Commits cut to their first 10 hex digits."""
+    return re.sub(r"\b([0-9a-f]{10})[0-9a-f]{30}\b", r"\1", _short(value, 400))
+
+
+def _duration(seconds, sessions=None) -> str:
+    if seconds is None or pd.isna(seconds):
+        return MISSING
+    h, rest = divmod(int(round(float(seconds))), 3600)
+    text = f"{h}:{rest // 60:02d}:{rest % 60:02d}"
+    return text + (" (last session)" if sessions and sessions > 1 else "")
+
+
+def provenance_markdown(table: pd.DataFrame, out: str | Path) -> str:
+    """The table with links relative to ``out`` (the folder the Markdown is written to)."""
+    out = Path(out)
+    headers = ["run", "config", "split (sha256)", "checkpoint sha256", "polypsam", "commit (train / eval)",
+               "hardware (train / eval)", "train h:mm:ss", "eval h:mm:ss"]
+    rows = []
+    for r in table.to_dict("records"):
+        split = _link(r["split"], out, "split.json")
+        if split != MISSING:
+            split += f" `{_short(r['split_sha256'])}`"
+        rows.append([
+            r["run"], _link(r["config"], out, "config_resolved.yaml"), split,
+            f"`{_short(r['checkpoint_sha256'])}`" if _short(r["checkpoint_sha256"]) != MISSING else
+            "checkpoint missing" if _short(r["checkpoint"]) != MISSING else MISSING,
+            _short(r["polypsam_version"], 40), f"{_commit(r['train_commit'])} / {_commit(r['eval_commit'])}",
+            f"{_short(r['train_hardware'], 80)} / {_short(r['eval_hardware'], 80)}",
+            _duration(r["train_seconds"], r["train_sessions"]), _duration(r["eval_seconds"])])
+    return (markdown_table(headers, rows, align=["l"] * 7 + ["r", "r"])
+            + "\n\nDigests are the first 12 hex digits (full ones in provenance.csv); commits the first 10, "
+              "`+dirty`: tracked files differed from the commit. `–`: not recorded by that run.\n")

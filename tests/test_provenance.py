@@ -1,0 +1,125 @@
+"""provenance.json (version, git commit, hardware per session) and compare's provenance table, on real git
+repositories and real evaluations of the tiny model."""
+
+import csv
+import hashlib
+import json
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from polypsam import __version__
+from polypsam.compare import main as compare_main
+from polypsam.data.demo import generate_demo_dataset
+from polypsam.evaluation import EvalSettings, evaluate_model
+from polypsam.models import build_model
+from polypsam.provenance import PROVENANCE_NAME, git_state, read, record
+
+
+def _git(cwd: Path, *args: str) -> str:
+    return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=cwd, check=True,
+                          capture_output=True, text=True).stdout.strip()
+
+
+def _checkout(top: Path, inner: str = "src/polypsam") -> Path:
+    pkg = top / inner
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text("x = 1\n")
+    _git(top, "init", "-q")
+    _git(top, "add", ".")
+    _git(top, "commit", "-q", "-m", "one")
+    return pkg
+
+
+def test_git_state_of_a_checkout_clean_and_dirty(tmp_path):
+    pkg = _checkout(tmp_path / "repo")
+    state = git_state(pkg)
+    assert state == {"commit": _git(pkg, "rev-parse", "HEAD"), "dirty": False}
+    (pkg / "__init__.py").write_text("x = 2\n")
+    assert git_state(pkg)["dirty"] is True
+
+
+def test_git_state_outside_a_polypsam_checkout(tmp_path):
+    plain = tmp_path / "site-packages" / "polypsam"
+    plain.mkdir(parents=True)
+    assert git_state(plain)["commit"] is None and "not in a git checkout" in git_state(plain)["note"]
+    other = _checkout(tmp_path / "project", "venv/lib/polypsam")  # installed inside someone else's repo
+    assert git_state(other)["commit"] is None
+
+
+def test_record_appends_a_session_per_call(tmp_path):
+    assert read(tmp_path) == []
+    first = record(tmp_path / "run")
+    record(tmp_path / "run")
+    sessions = read(tmp_path / "run")
+    assert len(sessions) == 2 and sessions[0] == first
+    assert first["polypsam_version"] == __version__ and first["hardware"]["cpus"] >= 1
+    assert first["hardware"]["cpu"] and first["hardware"]["gpus"] >= 0
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / PROVENANCE_NAME).write_text("{not json")
+    assert read(tmp_path / "bad") == []
+
+
+@pytest.fixture(scope="module")
+def two_rows(tmp_path_factory):
+    """A zero-shot evaluation, and a 'trained' run folder (config, split, checkpoint, results, two sessions)
+    whose evaluation names its checkpoint, both evaluated for real with the tiny model."""
+    tmp = tmp_path_factory.mktemp("prov")
+    root = generate_demo_dataset(tmp / "demo", n_train=2, n_test=2, size=(64, 80))
+    net = build_model("tiny", pretrained=False)
+    evaluate_model(net, root, tmp / "zs", EvalSettings(noise=(0.0,)), verbose=False)
+    run = tmp / "runs" / "dec"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "best.ckpt").write_bytes(b"weights")
+    (run / "config_resolved.yaml").write_text("model:\n  name: tiny\n")
+    (run / "split.json").write_text('{"train": [], "val": []}')
+    (run / "results.json").write_text(json.dumps({"fit_seconds": 3700.4, "zero_shot_val_seconds": 23.0}))
+    record(run)
+    record(run)  # resumed once
+    evaluate_model(net, root, run / "eval", EvalSettings(noise=(0.0,)), verbose=False,
+                   identity={"checkpoint": str(run / "checkpoints" / "best.ckpt"), "strategy": "dec"})
+    return tmp, run
+
+
+def test_compare_writes_the_provenance_table(two_rows):
+    tmp, run = two_rows
+    out = tmp / "report"
+    assert compare_main([str(tmp / "zs"), str(run), "--out", str(out)]) == 0
+    with open(out / "provenance.csv") as f:
+        zs, dec = list(csv.DictReader(f))
+    assert (zs["run"], dec["run"]) == ("zs", "dec")
+    assert dec["checkpoint_sha256"] == hashlib.sha256(b"weights").hexdigest()
+    assert dec["split_sha256"] == hashlib.sha256((run / "split.json").read_bytes()).hexdigest()
+    assert Path(dec["config"]) == run / "config_resolved.yaml" and dec["train_sessions"] == "2"
+    assert float(dec["train_seconds"]) == pytest.approx(3723.4)
+    commit = git_state()["commit"]
+    assert dec["train_commit"] == dec["eval_commit"] == zs["eval_commit"]
+    if commit:  # run from a git checkout of polypsam (CI clones one)
+        assert dec["train_commit"].startswith(commit)
+    assert zs["checkpoint_sha256"] == zs["split"] == zs["train_commit"] == ""  # zero-shot: nothing trained
+    assert dec["polypsam_version"] == __version__ and float(dec["eval_seconds"]) > 0
+    md = (out / "provenance.md").read_text()
+    assert "1:02:03 (last session)" in md and f"`{dec['checkpoint_sha256'][:12]}`" in md
+    assert f"| zs | – | – | – | {__version__} |" in md
+    links = re.findall(r"\]\(([^)]+)\)", md)
+    assert links == ["../runs/dec/config_resolved.yaml", "../runs/dec/split.json"]
+    assert all((out / link).is_file() for link in links)
+
+
+def test_moved_results_folder_finds_its_checkpoint(two_rows, tmp_path):
+    _, run = two_rows
+    meta = json.loads((run / "eval" / "meta.json").read_text())
+    moved = tmp_path / "copy" / "dec"
+    for rel in ("eval/meta.json", "eval/summary.csv", "eval/per_image.csv", "checkpoints/best.ckpt"):
+        (moved / rel).parent.mkdir(parents=True, exist_ok=True)
+        (moved / rel).write_bytes((run / rel).read_bytes())
+    meta["checkpoint"] = "/nowhere/dec/checkpoints/best.ckpt"
+    (moved / "eval" / "meta.json").write_text(json.dumps(meta))
+    assert compare_main([str(moved), "--out", str(tmp_path / "out")]) == 0
+    with open(tmp_path / "out" / "provenance.csv") as f:
+        (row,) = list(csv.DictReader(f))
+    assert row["checkpoint_sha256"] == hashlib.sha256(b"weights").hexdigest()
+    assert row["config"] == row["split"] == row["train_commit"] == ""  # not copied: not recorded, not guessed
+    assert "| dec | – | – |" in (tmp_path / "out" / "provenance.md").read_text()
