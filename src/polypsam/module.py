@@ -125,7 +125,7 @@ class PolypSAMModule(L.LightningModule):
         emb = self._embeddings(batch)
         pb = batch.prompts
         return self.net(batch.images, batch.input_hw, pb.boxes, pb.image_index, embeddings=emb,
-                        encoder_grad=self.encoder_trainable, points=pb.point_pairs)
+                        encoder_grad=self.encoder_trainable, points=pb.point_pairs, prompt_free=pb.prompt_free)
 
     def _step(self, batch: Batch):
         logits, _ = self(batch)

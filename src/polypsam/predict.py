@@ -26,6 +26,7 @@ from polypsam.checkpoints import load_model
 from polypsam.cli import one_line, run_cli
 from polypsam.config import CONF_DIR, model_from_cfg, prompt_from_cfg
 from polypsam.errors import ConfigError, DataError
+from polypsam.evaluation.tasks import untrained_prompt_warning
 from polypsam.models.registry import available_models
 from polypsam.models.sam import PromptableSAM
 from polypsam.prediction import load_boxes_csv, plan_jobs, run_prediction
@@ -33,8 +34,10 @@ from polypsam.prediction import load_boxes_csv, plan_jobs, run_prediction
 __all__ = ["load_boxes_csv", "load_network", "plan_jobs", "predict", "run_prediction"]
 
 
-def load_network(ckpt_path: str | None, model_cfg: DictConfig | None) -> tuple[PromptableSAM, dict[str, Any]]:
-    """A fine-tuned checkpoint (a run directory means its best.ckpt), or a registered model zero-shot."""
+def load_network(ckpt_path: str | None, model_cfg: DictConfig | None
+                 ) -> tuple[PromptableSAM, dict[str, Any], dict[str, Any] | None]:
+    """A fine-tuned checkpoint (a run directory means its best.ckpt), or a registered model zero-shot; with
+    the identity recorded per image and the checkpoint's metadata (None zero-shot)."""
     name = model_cfg.name if model_cfg is not None else None
     if ckpt_path:
         path = Path(ckpt_path).expanduser()
@@ -42,11 +45,11 @@ def load_network(ckpt_path: str | None, model_cfg: DictConfig | None) -> tuple[P
             path = (path if path.name == "checkpoints" else path / "checkpoints") / "best.ckpt"
         attention = model_cfg.get("attention", "sdpa") if model_cfg is not None else "sdpa"
         net, meta = load_model(path, expected_model=name, attention=attention)
-        return net, {"model": meta["model"], "checkpoint": str(path), "zero_shot": False}
+        return net, {"model": meta["model"], "checkpoint": str(path), "zero_shot": False}, meta
     if name is None:
         raise ConfigError(f"give ckpt_path=<a polypsam checkpoint or run directory>, or model=<name> for a zero-shot "
                           f"prediction (registered: {', '.join(available_models())}).")
-    return model_from_cfg(model_cfg).eval(), {"model": name, "checkpoint": None, "zero_shot": True}
+    return model_from_cfg(model_cfg).eval(), {"model": name, "checkpoint": None, "zero_shot": True}, None
 
 
 def predict(cfg: DictConfig) -> dict:
@@ -59,16 +62,24 @@ def predict(cfg: DictConfig) -> dict:
     if Path(cfg.input).expanduser().resolve() == out.resolve():
         raise ConfigError(f"output={out} is the input folder; write predictions to another folder.")
     box = OmegaConf.to_container(cfg.box, resolve=True) if OmegaConf.is_config(cfg.get("box")) else cfg.get("box")
-    plan = plan_jobs(cfg.input, cfg.get("prompts"), box, prompt_from_cfg(cfg), cfg.get("limit"))
+    prompt = prompt_from_cfg(cfg)
+    plan = plan_jobs(cfg.input, cfg.get("prompts"), box, prompt, cfg.get("limit"))
     if not plan.jobs:
         reasons = ", ".join(f"{len(v)} {k.replace('_', ' ')}" for k, v in plan.skipped.items()) or "none"
         raise DataError(f"{cfg.input}: no image to predict (skipped: {reasons}); check that prompts name the "
                         "images by file stem.")
-    net, identity = load_network(cfg.get("ckpt_path"), cfg.get("model"))
+    net, identity, meta = load_network(cfg.get("ckpt_path"), cfg.get("model"))
+    proposer = None
+    if prompt.from_model and prompt.proposer:
+        proposer, _, meta = load_network(prompt.proposer, None)
+    warning = untrained_prompt_warning(prompt, meta)
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr)
+        identity["untrained_prompt"] = warning
     summary = run_prediction(net, plan, out, identity, batch_size=int(cfg.batch_size),
                              num_workers=int(cfg.num_workers), device=cfg.device, precision=cfg.precision,
                              threshold=float(cfg.threshold), overlays=bool(cfg.overlays),
-                             progress=bool(cfg.get("progress", True)))
+                             progress=bool(cfg.get("progress", True)), prompt=prompt, proposer=proposer)
     for reason, files in plan.skipped.items():
         print(f"warning: skipped {len(files)} image(s), {reason.replace('_', ' ')}: {'; '.join(files[:5])}"
               f"{' ...' if len(files) > 5 else ''} (all in {out / 'summary.json'})", file=sys.stderr)

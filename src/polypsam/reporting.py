@@ -36,20 +36,25 @@ SHORT_NAMES = {"Kvasir": "Kvasir", "CVC-ClinicDB": "ClinicDB", "CVC-ColonDB": "C
 #    the Polyp-SAM paper (MONAI Dice on (1,H,W) tensors, i.e. the per-row metric, see
 #    metrics.row_dice_iou_monai_compat); its mIoU and the Polyp-SAM-L row could not be confirmed from a
 #    source we could read.
+#  * ASPS (Li et al., MICCAI 2024, a SAM-based prompt-free method): Kvasir and ClinicDB mDice as given in
+#    this project's prompt-free issue; its other sets and mIoU could not be confirmed.
+# "prompt": what the method is given at test time: "none" (prompt-free) or "box" (a ground-truth box).
 PUBLISHED_TABLE2: list[dict] = [
-    {"method": "U-Net", "metric": "toolbox mDice / mIoU", "values": {
+    {"method": "U-Net", "metric": "toolbox mDice / mIoU", "prompt": "none", "values": {
         "Kvasir": ("0.818", "0.746"), "CVC-ClinicDB": ("0.823", "0.755"), "CVC-ColonDB": ("0.512", "0.444"),
         "CVC-300": ("0.710", "0.627"), "ETIS-LaribPolypDB": ("0.398", "0.335")}},
-    {"method": "Polyp-PVT", "metric": "toolbox mDice / mIoU", "values": {
+    {"method": "Polyp-PVT", "metric": "toolbox mDice / mIoU", "prompt": "none", "values": {
         "Kvasir": ("0.917", "0.864"), "CVC-ClinicDB": ("0.937", "0.889"), "CVC-ColonDB": ("0.808", "0.727"),
         "CVC-300": ("0.900", "0.833"), "ETIS-LaribPolypDB": ("0.787", "0.706")}},
-    {"method": "HSNet", "metric": "toolbox mDice / mIoU", "values": {
+    {"method": "HSNet", "metric": "toolbox mDice / mIoU", "prompt": "none", "values": {
         "Kvasir": ("0.926", "0.877"), "CVC-ClinicDB": ("0.948", "0.905"), "CVC-ColonDB": ("0.810", "0.735"),
         "CVC-300": ("0.903", "0.839"), "ETIS-LaribPolypDB": ("0.808", "0.74")}},
-    {"method": "Polyp-SAM-B", "metric": "MONAI per-row Dice", "values": {
+    {"method": "ASPS", "metric": "toolbox mDice", "prompt": "none", "values": {
+        "Kvasir": ("0.920", None), "CVC-ClinicDB": ("0.951", None)}},
+    {"method": "Polyp-SAM-B", "metric": "MONAI per-row Dice", "prompt": "box", "values": {
         "Kvasir": ("0.902", None), "CVC-ClinicDB": ("0.921", None), "CVC-ColonDB": ("0.894", None),
         "CVC-300": ("0.924", None), "ETIS-LaribPolypDB": ("0.903", None)}},
-    {"method": "Polyp-SAM-L", "metric": "MONAI per-row Dice", "values": {}},
+    {"method": "Polyp-SAM-L", "metric": "MONAI per-row Dice", "prompt": "box", "values": {}},
 ]
 
 METRIC_LABELS = {
@@ -85,18 +90,19 @@ def ordered_sets(names: Sequence[str], with_standard: bool = False) -> list[str]
     return head + sorted(n for n in names if n not in STANDARD_TEST_SETS)
 
 
-def table2_markdown(ours: Sequence[tuple[str, dict[str, tuple[float, float]]]], quoted: bool = True) -> str:
+def table2_markdown(ours: Sequence[tuple[str, dict[str, tuple[float, float]]]], quoted: bool | str = True) -> str:
     """Paper Table 2 layout: data sets as columns with DSC / mIoU sub-columns, quoted rows first.
 
     ``ours`` is a list of (row label, {set: (dsc, miou)}). The five standard sets are always columns (so
-    the quoted rows have somewhere to go); extra test folders of ours follow.
+    the quoted rows have somewhere to go); extra test folders of ours follow. ``quoted``: every published
+    row, none, or only those given the same test-time prompt (``"none"`` or ``"box"``): like with like.
     """
     sets = ordered_sets([s for _, vals in ours for s in vals], with_standard=True)
     headers = ["Method"] + [h for s in sets for h in (SHORT_NAMES.get(s, s), "")]
     sub = [""] + ["DSC", "mIoU"] * len(sets)
     rows = [sub]
     if quoted:
-        for entry in PUBLISHED_TABLE2:
+        for entry in (e for e in PUBLISHED_TABLE2 if quoted is True or e["prompt"] == quoted):
             cells = []
             for s in sets:
                 if s not in STANDARD_TEST_SETS:  # not in the paper
@@ -159,14 +165,22 @@ def figure_png(fig, dpi: int | None = None) -> bytes:
     return buf.getvalue()
 
 
-def robustness_figure(robust: pd.DataFrame):
+def robustness_figure(robust: pd.DataFrame, references: dict[str, dict[str, float]] | None = None):
+    """Dice against box noise per set; ``references`` ({row: {set: dice}}, e.g. ``auto``) are drawn as
+    horizontal lines in each set's colour: the noise a human box may have before that row wins."""
     fig = Figure(figsize=(5.5, 3.8), dpi=110)
     ax = fig.subplots()
+    styles = iter(["--", ":", "-."])
+    refs = {row: (next(styles, "--"), vals) for row, vals in (references or {}).items()}
     for s in ordered_sets(robust["dataset"].astype(str).unique()):
         d = robust[robust["dataset"].astype(str) == s].sort_values("noise")
         x = d["noise"].to_numpy(float) * 100
-        ax.plot(x, d["dice"], marker="o", label=SHORT_NAMES.get(s, s))
+        (line,) = ax.plot(x, d["dice"], marker="o", label=SHORT_NAMES.get(s, s))
         ax.fill_between(x, d["dice_ci_low"], d["dice_ci_high"], alpha=0.15)
+        for row, (style, vals) in refs.items():
+            if s in vals:
+                ax.axhline(vals[s], color=line.get_color(), linestyle=style, linewidth=1.2,
+                           label=f"{SHORT_NAMES.get(s, s)}: {row}")
     ax.set_xlabel("box noise: each side moved by up to this % of the box side")
     ax.set_ylabel("mean per-image Dice")
     ax.set_title("Prompt robustness")

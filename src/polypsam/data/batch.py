@@ -63,8 +63,8 @@ class Batch:
         pb = self.prompts
         return dataclasses.replace(
             self, masks=pin(self.masks), input_hw=pin(self.input_hw), embeddings=pin(self.embeddings),
-            images=pin(self.images), prompts=PromptBatch(pin(pb.image_index), pin(pb.boxes), pin(pb.points),
-                                                         pin(pb.point_labels)))
+            images=pin(self.images),
+            prompts=PromptBatch(**{f.name: pin(getattr(pb, f.name)) for f in dataclasses.fields(pb)}))
 
 
 def collate(items: list[dict[str, Any]]) -> Batch:

@@ -42,6 +42,34 @@ MAPPING_NOTE = (
 )
 
 
+DETECTION_NOTE = (
+    "Detection (prompt=auto): `missed` counts frames holding a polyp where stage 1 proposed nothing (scored "
+    "with an empty mask, never dropped); `false proposals` counts proposed boxes holding no ground-truth "
+    "pixel (highlights, instruments); `correct rejections` counts frames without a polyp and without a "
+    "proposal (Dice 1 by the empty-mask convention); `false alarms` frames without a polyp with a proposal."
+)
+
+
+def _table2_sections(result: EvalResult, compat_row_dice: bool) -> list[str]:
+    """Like with like: prompt-free rows beside the published prompt-free methods, oracle-box rows beside
+    Polyp-SAM's; a box- or click-prompted evaluation keeps the one table with every quoted row."""
+    meta, label = result.meta, result.meta["label"]
+    main = our_table2_rows(result.summary, f"{label}, {meta['prompt']['label']}", compat_row_dice)
+    if not result.companions and meta["prompt"]["type"] != "none":
+        return ["## Table 2 layout (DSC / mIoU)", "", rep.table2_markdown(main), ""]
+    free = main + [row for name in ("none",) if name in result.companion_summaries
+                   for row in our_table2_rows(result.companion_summaries[name], f"{label}, no prompt")]
+    parts = ["## Table 2 layout, prompt-free (DSC / mIoU)", "",
+             "Beside the published prompt-free methods: compare the toolbox mDice/mIoU rows.", "",
+             rep.table2_markdown(free, quoted="none"), ""]
+    if "box" in result.companion_summaries:
+        boxed = our_table2_rows(result.companion_summaries["box"], f"{label}, oracle box", compat_row_dice)
+        parts += ["## Table 2 layout, oracle box (DSC / mIoU)", "",
+                  "The same network given the ground-truth tight box, beside Polyp-SAM's (box-prompted) rows.",
+                  "", rep.table2_markdown(boxed, quoted="box"), ""]
+    return parts
+
+
 def summary_markdown(result: EvalResult, compat_row_dice: bool = False) -> str:
     meta, summary = result.meta, result.summary
     keys = [k for k in METRICS if compat_row_dice or k not in ("row_dice", "row_iou")]
@@ -52,21 +80,34 @@ def summary_markdown(result: EvalResult, compat_row_dice: bool = False) -> str:
              f"- checkpoint: `{meta['checkpoint'] or 'none (zero-shot)'}`",
              f"- data: `{meta['data_root']}`; images: {meta['n_images']}{subset}",
              f"- prompt: {meta['prompt']['description']}; threshold {meta['threshold']}",
-             f"- unreadable images: {meta['n_unreadable']}", "",
-             "## Table 2 layout (DSC / mIoU)", "",
-             rep.table2_markdown(our_table2_rows(summary, meta["label"], compat_row_dice)), "",
-             QUOTED_NOTE, ""]
+             f"- unreadable images: {meta['n_unreadable']}", ""]
+    if meta.get("untrained_prompt"):
+        parts += [f"> **Warning:** {meta['untrained_prompt']}", ""]
+    parts += [*_table2_sections(result, compat_row_dice), QUOTED_NOTE, ""]
     if compat_row_dice:
         gap = [f"{rep.SHORT_NAMES.get(r['dataset'], r['dataset'])} {r['row_dice'] - r['dice']:+.3f}"
                for r in summary.to_dict("records")]
         parts += ["Compatibility mode: per-row Dice minus per-image Dice: " + ", ".join(gap) + ".", ""]
-    parts += ["## All metrics (mean over images; 95% percentile-bootstrap interval for Dice and IoU)", "",
-              rep.metrics_markdown(summary, keys), ""]
+    parts += ["## All metrics (mean over images; 95% percentile-bootstrap interval for Dice and IoU)", ""]
+    if result.companion_summaries:
+        parts += [f"### {meta['prompt']['label']}", ""]
+    parts += [rep.metrics_markdown(summary, keys), ""]
+    for name, comp in result.companion_summaries.items():
+        parts += [f"### {meta['companions'][name]}", "", rep.metrics_markdown(comp, keys), ""]
+    if result.detection is not None:
+        parts += ["## Detection (stage 1 proposals)", "", rep.markdown_table(
+            ["Data set", "frames", "with polyp", "proposals", "missed", "false proposals", "correct rejections",
+             "false alarms"], [[str(v) for v in r.values()] for r in result.detection.to_dict("records")]),
+            "", DETECTION_NOTE, ""]
     if result.robustness is not None:
         base = "per component" if meta["prompt"].get("mode") == "per_component" else "tight box"
         parts += ["## Prompt robustness: Dice against box noise", "",
                   (f"Each box side moves by U(-f, f) x the box side (seed {meta['prompt']['seed']}); "
                    f"base prompt: {base}."), "", rep.robustness_markdown(result.robustness), ""]
+        if result.companions:
+            parts += [f"`{meta['prompt']['label']}` needs no box: " + ", ".join(
+                f"{rep.SHORT_NAMES.get(s, s)} {v:.3f}" for s, v in _references(result)["auto"].items())
+                + ". A human box noisier than where its curve crosses these values loses to it.", ""]
     bad = result.per_image[result.per_image["status"] == "unreadable"]
     if len(bad):
         parts += ["## Unreadable images (scored as failures)", ""]
@@ -90,10 +131,22 @@ def _drawn_boxes(text) -> np.ndarray | None:
     return None
 
 
+def _references(result: EvalResult) -> dict[str, dict[str, float]]:
+    """Rows drawn across the robustness figure: prompt=auto's per-set Dice."""
+    if not result.companions:
+        return {}
+    return {"auto": {str(r["dataset"]): float(r["dice"]) for r in result.summary.to_dict("records")}}
+
+
 def write_outputs(result: EvalResult, settings: EvalSettings) -> None:
     out = result.out_dir
     result.per_image.to_csv(out / "per_image.csv", index=False)
     result.summary.to_csv(out / "summary.csv", index=False)
+    for name, df in result.companions.items():  # prompt=auto: its stage 1 alone and the oracle box
+        df.to_csv(out / f"per_image_{name}.csv", index=False)
+        result.companion_summaries[name].to_csv(out / f"summary_{name}.csv", index=False)
+    if result.detection is not None:
+        result.detection.to_csv(out / "detection.csv", index=False)
     (out / "summary.md").write_text(summary_markdown(result, settings.compat_row_dice))
     if result.robustness is not None:
         result.robustness.to_csv(out / "robustness.csv", index=False)
@@ -103,7 +156,7 @@ def write_outputs(result: EvalResult, settings: EvalSettings) -> None:
         return
     (out / "figures").mkdir(exist_ok=True)
     if result.robustness is not None:
-        rep.robustness_figure(result.robustness).savefig(out / "robustness.png")
+        rep.robustness_figure(result.robustness, _references(result)).savefig(out / "robustness.png")
     for set_name in result.summary["dataset"]:
         sub = result.per_image[result.per_image["dataset"] == set_name]
         cases = [{**_case_arrays(result.preds, r), "label": f"{tag}: {r['image']}\nDice {r['dice']:.3f}"}

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +27,7 @@ from polypsam.data.io import image_size as header_size
 from polypsam.data.io import size_mismatch
 from polypsam.errors import DataError
 from polypsam.evaluation.settings import FAILURE_SCORES, METRICS, EvalSettings
-from polypsam.inference import ImageItems, Predictor, as_list
+from polypsam.inference import AutoPredictor, ImageItems, Prediction, Predictor, as_list
 from polypsam.metrics import dice_iou, score_image, summarize
 from polypsam.models.sam import PromptableSAM
 from polypsam.prompts import PromptSet, PromptType, prompt_config, seeded_rng
@@ -43,6 +43,10 @@ class EvalResult:
     robustness: pd.DataFrame | None
     meta: dict
     preds: dict  # (set, image) -> packed binary prediction and its shape, for figures and W&B
+    # prompt=auto: per-image rows and per-set summaries of its companions (COMPANIONS), and detection counts
+    companions: dict[str, pd.DataFrame] = field(default_factory=dict)
+    companion_summaries: dict[str, pd.DataFrame] = field(default_factory=dict)
+    detection: pd.DataFrame | None = None
 
     def test_metrics(self) -> dict[str, float]:
         """``test/<set>/dice`` and ``test/<set>/iou``, the keys training writes to results.json."""
@@ -106,37 +110,89 @@ def _prompts(prompt: PromptType, ok: list[dict], keys: list[str], noise: float) 
     return [prompt.make(it["mask"], seeded_rng(prompt.seed, k, noise), noisy=True) for it, k in zip(ok, keys)]
 
 
-def _evaluate_batch(predictor: Predictor, ok: list[dict], recs: list[Record], set_name: str,
-                    settings: EvalSettings, out: Path, preds: dict) -> list[dict]:
-    """Encode the batch once; decode the main prompt and every sweep point from those embeddings; score."""
+# prompt=auto is reported beside its two stages' references, decoded from the same embeddings
+COMPANIONS = {"none": "no prompt (stage 1 of auto alone)", "box": "oracle tight box (ground truth)"}
+
+
+def _decode(predictor: Predictor, auto: AutoPredictor | None, emb: torch.Tensor, ok: list[dict],
+            keys: list[str], prompt: PromptType) -> tuple[list[Prediction], dict[str, list[Prediction]]]:
+    """The main predictions and, for ``prompt=auto``, its companions (``COMPANIONS``)."""
+    resizes = [it["resize"] for it in ok]
+    if auto is None:
+        return predictor.decode(emb, resizes, _prompts(prompt, ok, keys, prompt.noise)), {}
+    two = auto.decode(emb, resizes, torch.stack([it["canvas"] for it in ok]))
+    oracle = predictor.decode(emb, resizes, _prompts(prompt.oracle, ok, keys, 0.0))
+    return two.refined, {"none": two.proposal, "box": oracle}
+
+
+def _row(set_name: str, rec: Record, it: dict, pred: Prediction, threshold: float) -> dict:
+    h, w = it["mask"].shape
+    return {"dataset": set_name, "image": rec.name, "status": "ok", "height": h, "width": w,
+            **score_image(pred.prob, it["mask"], threshold=threshold), "n_prompts": len(pred.prompts),
+            "box": format_prompts(pred.prompts), "error": "", "image_path": str(rec.image),
+            "mask_path": str(rec.mask)}
+
+
+def _detection(pred: Prediction, mask: np.ndarray) -> dict:
+    """Proposals of one frame against its ground truth: a proposal touches a polyp when its box holds a
+    foreground pixel."""
+    boxes = pred.prompts.boxes if pred.prompts.boxes is not None else np.zeros((0, 4))
+    touch = [bool(mask[int(y0):int(y1) + 1, int(x0):int(x1) + 1].any()) for x0, y0, x1, y1 in boxes]
+    scores = pred.prompts.scores if pred.prompts.scores is not None else []
+    return {"has_polyp": bool(mask.any()), "false_proposals": touch.count(False),
+            "proposal_scores": ";".join(f"{v:.3f}" for v in scores)}
+
+
+def _evaluate_batch(predictor: Predictor, auto: AutoPredictor | None, ok: list[dict], recs: list[Record],
+                    set_name: str, settings: EvalSettings, out: Path, preds: dict
+                    ) -> tuple[list[dict], dict[str, list[dict]]]:
+    """Encode the batch once; decode the main prompt, its companions and every sweep point; score."""
     prompt = settings.prompt
     resizes = [it["resize"] for it in ok]
     keys = [f"{set_name}/{recs[it['index']].name}" for it in ok]
     emb = predictor.encode(torch.stack([it["canvas"] for it in ok]), resizes)
-    main = predictor.decode(emb, resizes, _prompts(prompt, ok, keys, prompt.noise))
+    main, companions = _decode(predictor, auto, emb, ok, keys, prompt)
     sweep: dict[float, list[float]] = {}
+    swept = settings.sweep_prompt
     for n in settings.noise_levels:
-        # the main prompt is the sweep point at its own noise: same prompts, same draw
-        pn = main if n == prompt.noise else predictor.decode(
-            emb, resizes, _prompts(prompt.with_noise(n), ok, keys, n))
+        # a sweep point already decoded (the main prompt at its own noise, auto's oracle box) is reused
+        if swept is prompt and n == prompt.noise:
+            pn = main
+        elif auto is not None and n == 0:
+            pn = companions["box"]
+        else:
+            pn = predictor.decode(emb, resizes, _prompts(swept.with_noise(n), ok, keys, n))
         sweep[n] = [dice_iou(p.prob > settings.threshold, it["mask"])[0] for p, it in zip(pn, ok)]
     rows = []
     for j, (it, pred) in enumerate(zip(ok, main)):
         rec = recs[it["index"]]
         binary = pred.prob > settings.threshold
-        scores = score_image(pred.prob, it["mask"], threshold=settings.threshold)
         rel_mask = None
         if settings.save_masks:
             rel_mask = f"masks/{set_name}/{rec.name}.png"
             (out / rel_mask).parent.mkdir(parents=True, exist_ok=True)
             Image.fromarray(binary.astype(np.uint8) * 255).save(out / rel_mask)
         preds[(set_name, rec.name)] = (np.packbits(binary), binary.shape)
-        h, w = binary.shape
-        rows.append({"dataset": set_name, "image": rec.name, "status": "ok", "height": h, "width": w,
-                     **scores, "n_prompts": len(pred.prompts), "box": format_prompts(pred.prompts), "error": "",
-                     "image_path": str(rec.image), "mask_path": str(rec.mask), "pred_mask": rel_mask,
+        rows.append({**_row(set_name, rec, it, pred, settings.threshold), "pred_mask": rel_mask,
+                     **(_detection(pred, it["mask"]) if auto is not None else {}),
                      **{f"dice_noise_{n:g}": sweep[n][j] for n in settings.noise_levels}})
-    return rows
+    extra = {name: [_row(set_name, recs[it["index"]], it, p, settings.threshold) for it, p in zip(ok, ps)]
+             for name, ps in companions.items()}
+    return rows, extra
+
+
+def detection_summary(per_image: pd.DataFrame, set_names) -> pd.DataFrame:
+    """Per set, what ``prompt=auto`` proposed: misses, proposals touching no polyp, correct rejections."""
+    out = []
+    for set_name in set_names:
+        sub = per_image[(per_image["dataset"] == set_name) & (per_image["status"] == "ok")]
+        pos, n = sub["has_polyp"].astype(bool), sub["n_prompts"]
+        out.append({"dataset": set_name, "frames": len(sub), "with_polyp": int(pos.sum()),
+                    "proposals": int(n.sum()), "missed": int((pos & (n == 0)).sum()),
+                    "false_proposals": int(sub["false_proposals"].sum()),
+                    "correct_rejections": int((~pos & (n == 0)).sum()),
+                    "false_alarms": int((~pos & (n > 0)).sum())})
+    return pd.DataFrame(out)
 
 
 def _summaries(per_image: pd.DataFrame, set_names, noise_levels: list[float], seed: int
@@ -165,13 +221,17 @@ def label(identity: dict) -> str:
 
 def run_evaluation(net: PromptableSAM, root: str | Path, out_dir: str | Path, settings: EvalSettings,
                    test_sets=None, limit_test: int | None = None, split_seed: int = 42,
-                   identity: dict | None = None, generate_demo: bool = False, verbose: bool = True
-                   ) -> EvalResult:
-    """Predict and score every test image; the tables and figures are ``evaluation.report``'s job."""
+                   identity: dict | None = None, generate_demo: bool = False, verbose: bool = True,
+                   proposer: PromptableSAM | None = None) -> EvalResult:
+    """Predict and score every test image; the tables and figures are ``evaluation.report``'s job.
+
+    ``proposer``: stage 1 of ``prompt=auto`` when it is another network than ``net`` (``prompt.proposer``).
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     predictor = Predictor(net, settings.device)
+    auto = AutoPredictor(predictor, settings.prompt, proposer) if settings.prompt.from_model else None
     record_sets = collect_records(root, test_sets, limit_test, split_seed, generate_demo)
     unreadable_known = {}
     for recs in record_sets.values():
@@ -179,6 +239,7 @@ def run_evaluation(net: PromptableSAM, root: str | Path, out_dir: str | Path, se
 
     noise_levels = settings.noise_levels
     rows: list[dict] = []
+    extra: dict[str, list[dict]] = {name: [] for name in (COMPANIONS if auto is not None else ())}
     preds: dict = {}
     compute_seconds = 0.0  # model and scoring, without data loading
     for set_name, recs in record_sets.items():
@@ -195,11 +256,16 @@ def run_evaluation(net: PromptableSAM, root: str | Path, out_dir: str | Path, se
                 if it["status"] == "unreadable":
                     log.warning("unreadable image, scored as a failure: %s", it["error"])
                     rows.append(_unreadable_row(set_name, recs[it["index"]], it, noise_levels))
+                    for name in extra:
+                        extra[name].append(_unreadable_row(set_name, recs[it["index"]], it, []))
                 else:
                     ok.append(it)
             if ok:
                 t0 = time.perf_counter()
-                rows += _evaluate_batch(predictor, ok, recs, set_name, settings, out, preds)
+                batch_rows, batch_extra = _evaluate_batch(predictor, auto, ok, recs, set_name, settings, out, preds)
+                rows += batch_rows
+                for name, r in batch_extra.items():
+                    extra[name] += r
                 compute_seconds += time.perf_counter() - t0
         if verbose:
             print(f"[evaluate] {set_name}: {len(recs)} images in {time.perf_counter() - set_t0:.1f} s",
@@ -207,15 +273,21 @@ def run_evaluation(net: PromptableSAM, root: str | Path, out_dir: str | Path, se
 
     per_image = pd.DataFrame(rows)
     summary, robustness = _summaries(per_image, record_sets, noise_levels, settings.bootstrap_seed)
+    companions = {name: pd.DataFrame(r) for name, r in extra.items()}
+    companion_summaries = {name: _summaries(df, record_sets, [], settings.bootstrap_seed)[0]
+                           for name, df in companions.items()}
     identity = {"model": net.spec.name, "strategy": "zero-shot", "split": "none", "checkpoint": None,
                 **(identity or {})}
     p = settings.prompt
     meta = {**identity, "label": label(identity), "polypsam_version": __version__, "data_root": str(root),
-            "prompt": {**prompt_config(p), "label": p.label(), "description": p.describe()}, "robustness_noise": noise_levels,
+            "prompt": {**prompt_config(p), "label": p.label(), "description": p.describe()},
+            "companions": {name: COMPANIONS[name] for name in companions}, "robustness_noise": noise_levels,
             "compat_row_dice": settings.compat_row_dice, "threshold": settings.threshold,
             "limit_test": limit_test, "split_seed": split_seed, "device": str(predictor.device),
             "test_sets": {n: len(r) for n, r in record_sets.items()}, "n_images": len(per_image),
             "n_unreadable": int((per_image["status"] == "unreadable").sum()),
             "compute_seconds": round(compute_seconds, 2),
             "wall_seconds": round(time.perf_counter() - t_start, 2)}  # inference and scoring
-    return EvalResult(out, summary, per_image, robustness, meta, preds)
+    detection = detection_summary(per_image, record_sets) if auto is not None else None
+    return EvalResult(out, summary, per_image, robustness, meta, preds, companions, companion_summaries,
+                      detection)

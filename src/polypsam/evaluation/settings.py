@@ -36,9 +36,16 @@ class EvalSettings:
     bootstrap_seed: int = 0
 
     @property
+    def sweep_prompt(self) -> PromptType | None:
+        """The prompt the robustness sweep perturbs: the run's own, or the oracle box that ``auto`` is
+        measured against; None for a type without a noise axis (clicks, no prompt)."""
+        if self.prompt.from_model:
+            return self.prompt.oracle
+        return self.prompt if self.prompt.with_noise(0.0) is not None else None
+
+    @property
     def noise_levels(self) -> list[float]:
-        """The sweep's levels, or none for a prompt type without a noise axis (clicks)."""
-        return [float(n) for n in self.noise] if self.prompt.with_noise(0.0) is not None else []
+        return [float(n) for n in self.noise] if self.sweep_prompt is not None else []
 
 
 def _plain(x) -> dict[str, Any]:

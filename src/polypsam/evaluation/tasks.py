@@ -19,6 +19,7 @@ from polypsam.evaluation.runner import EvalResult, run_evaluation
 from polypsam.evaluation.settings import EvalSettings, settings_from_cfg
 from polypsam.models import available_models
 from polypsam.models.sam import PromptableSAM
+from polypsam.prompts import PromptType, build_prompt
 from polypsam.provenance import record as record_provenance
 
 log = logging.getLogger("polypsam.evaluate")
@@ -27,12 +28,13 @@ log = logging.getLogger("polypsam.evaluate")
 def evaluate_model(net: PromptableSAM, root: str | Path, out_dir: str | Path,
                    settings: EvalSettings | None = None, test_sets=None, limit_test: int | None = None,
                    split_seed: int = 42, identity: dict | None = None, wandb_run=None,
-                   generate_demo: bool = False, verbose: bool = True) -> EvalResult:
+                   generate_demo: bool = False, verbose: bool = True,
+                   proposer: PromptableSAM | None = None) -> EvalResult:
     """Evaluate ``net`` on every test set under ``root`` and write every output into ``out_dir``."""
     t_start = time.perf_counter()
     settings = settings or EvalSettings()
     result = run_evaluation(net, root, out_dir, settings, test_sets, limit_test, split_seed, identity,
-                            generate_demo, verbose)
+                            generate_demo, verbose, proposer)
     write_outputs(result, settings)
     if wandb_run is not None:
         log_wandb(wandb_run, result)
@@ -42,6 +44,29 @@ def evaluate_model(net: PromptableSAM, root: str | Path, out_dir: str | Path,
     if verbose:
         print(console_summary(result), flush=True)
     return result
+
+
+def trained_prompt(meta: dict | None) -> PromptType | None:
+    """The prompt type a checkpoint was trained with (box for checkpoints older than the prompt group)."""
+    if meta is None:
+        return None
+    try:
+        return build_prompt(((meta.get("config") or {}).get("prompt")) or None)
+    except ConfigError:
+        return None
+
+
+def untrained_prompt_warning(prompt: PromptType, meta: dict | None) -> str | None:
+    """A sentence when a prompt-free evaluation runs on a network never trained with the empty prompt."""
+    if not prompt.prompt_free:
+        return None
+    trained = trained_prompt(meta)
+    if trained is not None and trained.prompt_free:
+        return None
+    who = (f"the checkpoint was trained with prompt={trained.name} ({trained.label()}) only" if trained else
+           "a zero-shot SAM was pretrained with prompts only")
+    return (f"prompt={prompt.name}: {who}, never with the empty prompt, so these numbers measure a network "
+            "not trained for prompt-free use; train with prompt=mixed or prompt=none.")
 
 
 def run_identity(meta: dict, ckpt_path: str | Path) -> dict:
@@ -89,6 +114,7 @@ def evaluate(cfg) -> EvalResult:
     settings = settings_from_cfg(cfg)
     model_cfg = cfg.get("model")
     ckpt = cfg.get("ckpt_path")
+    meta = None
     if ckpt:
         net, meta = load_model(ckpt, expected_model=model_cfg.name if model_cfg else None)
         identity = run_identity(meta, ckpt)
@@ -98,11 +124,19 @@ def evaluate(cfg) -> EvalResult:
     else:
         raise ConfigError("nothing to evaluate: give ckpt_path=<run>/checkpoints/best.ckpt, or model=<name> "
                           f"for a zero-shot baseline (registered models: {', '.join(available_models())}).")
+    proposer, first_meta = None, meta if ckpt else None
+    if settings.prompt.from_model and settings.prompt.proposer:
+        proposer, first_meta = load_model(settings.prompt.proposer)
+    warning = untrained_prompt_warning(settings.prompt, first_meta)
+    if warning:
+        log.warning(warning)
+        identity["untrained_prompt"] = warning
     (out / "config_resolved.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))  # compare links it
     run = _wandb_from_cfg(cfg, out, identity)
     try:
         return evaluate_model(net, cfg.data.root, out, settings, identity=identity, wandb_run=run,
-                              generate_demo=bool(cfg.data.get("generate_demo")), **_data_kwargs(cfg))
+                              generate_demo=bool(cfg.data.get("generate_demo")), proposer=proposer,
+                              **_data_kwargs(cfg))
     finally:
         if run is not None:
             run.finish()

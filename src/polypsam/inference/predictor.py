@@ -80,9 +80,10 @@ class Predictor:
         dev = self.device
         hw = torch.tensor([rz.input_hw for rz in resizes], device=dev)
         pts = None if batch.points is None else (batch.points.to(dev), batch.point_labels.to(dev))
+        free = None if batch.prompt_free is None else batch.prompt_free.to(dev)
         with autocast(dev, self.precision):
             logits, iou = self.net(None, hw, None if batch.boxes is None else batch.boxes.to(dev),
-                                   batch.image_index.to(dev), embeddings=embeddings, points=pts)
+                                   batch.image_index.to(dev), embeddings=embeddings, points=pts, prompt_free=free)
         probs = original_probabilities(logits, resizes)
         iou = iou.float().cpu().numpy()[:, 0]
         index = batch.image_index.numpy()

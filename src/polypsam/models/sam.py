@@ -88,7 +88,8 @@ class PromptableSAM(nn.Module):
         return self.image_encoder(self.normalize(images, input_hw))
 
     def decode(self, embeddings: torch.Tensor, boxes: torch.Tensor | None, prompt_image_index: torch.Tensor,
-               points: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+               points: tuple[torch.Tensor, torch.Tensor] | None = None, prompt_free: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
         """Low-resolution mask logits (K,1,4h,4w) and predicted IoU (K,1) for K prompts.
 
         Inputs, all in the model's input frame:
@@ -96,9 +97,17 @@ class PromptableSAM(nn.Module):
           boxes               (K, 4) XYXY, or None
           prompt_image_index  (K,) long: the image of the batch that prompt k belongs to
           points              ((K, P, 2) xy, (K, P) labels: 1 inside, 0 outside), or None
+          prompt_free         (K,) bool: prompts decoded as the empty prompt whatever their box/point rows
+                              hold, or None
         With neither boxes nor points each prompt is the prompt encoder's empty prompt (no sparse tokens,
-        the no-mask dense embedding).
+        the no-mask dense embedding). Empty and box/point prompts have different token counts, so a batch
+        holding both decodes in two passes.
         """
+        if prompt_free is not None and bool(prompt_free.any()):
+            if bool(prompt_free.all()):
+                boxes = points = None
+            else:
+                return self._decode_two_kinds(embeddings, boxes, prompt_image_index, points, prompt_free)
         dec = self.mask_decoder
         sparse, dense = self.prompt_encoder(points=points, boxes=boxes, masks=None)
         k = prompt_image_index.shape[0]
@@ -121,16 +130,28 @@ class PromptableSAM(nn.Module):
         iou = dec.iou_prediction_head(hs[:, 0, :])[:, :1]
         return logits, iou
 
+    def _decode_two_kinds(self, embeddings, boxes, prompt_image_index, points, prompt_free):
+        """``decode`` of a batch mixing empty and box/point prompts: one pass per kind, in prompt order."""
+        free = prompt_free.nonzero().flatten()
+        held = (~prompt_free).nonzero().flatten()
+        low_f, iou_f = self.decode(embeddings, None, prompt_image_index[free])
+        low_h, iou_h = self.decode(embeddings, None if boxes is None else boxes[held], prompt_image_index[held],
+                                   None if points is None else (points[0][held], points[1][held]))
+        k = prompt_image_index.shape[0]
+        logits = low_f.new_empty((k, *low_f.shape[1:])).index_copy(0, free, low_f).index_copy(0, held, low_h)
+        iou = iou_f.new_empty((k, 1)).index_copy(0, free, iou_f).index_copy(0, held, iou_h)
+        return logits, iou
+
     def forward(self, images: torch.Tensor | None, input_hw: torch.Tensor, boxes: torch.Tensor | None,
                 prompt_image_index: torch.Tensor, embeddings: torch.Tensor | None = None,
-                encoder_grad: bool = True, points: tuple[torch.Tensor, torch.Tensor] | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+                encoder_grad: bool = True, points: tuple[torch.Tensor, torch.Tensor] | None = None,
+                prompt_free: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-image mask logits on the input canvas (B,1,S,S) and predicted IoU per prompt (K,1).
 
         Inputs:
           images              (B, 3, S, S) uint8, resized and padded bottom-right (ignored with embeddings)
           input_hw            (B, 2) long: the resized image's size inside the canvas
-          boxes, prompt_image_index, points: as ``decode``
+          boxes, prompt_image_index, points, prompt_free: as ``decode``
           embeddings          (B, C, h, w) from the embedding cache, or None to run the image encoder
           encoder_grad        False: the image encoder runs without gradients
         The prompts of one image are merged by the max of their logits, the union of their masks at any
@@ -139,7 +160,7 @@ class PromptableSAM(nn.Module):
         if embeddings is None:
             with torch.set_grad_enabled(encoder_grad and torch.is_grad_enabled()):
                 embeddings = self.encode(images, input_hw)
-        low, iou = self.decode(embeddings, boxes, prompt_image_index, points)
+        low, iou = self.decode(embeddings, boxes, prompt_image_index, points, prompt_free)
         b = embeddings.shape[0]
         merged = merge_prompt_logits(low, prompt_image_index, b)
         s = self.spec.image_size

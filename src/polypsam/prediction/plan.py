@@ -170,7 +170,8 @@ def plan_jobs(input: str | Path, prompts: str | Path | None = None, box=None, pr
     """Every image with its prompts, checked against the image size before any model is loaded.
 
     Prompts come from ``box`` (one image), a boxes file (.json, .csv), or a folder of masks, from which
-    ``prompt`` (a prompt type, box by default) derives them as evaluation does.
+    ``prompt`` (a prompt type, box by default) derives them as evaluation does. ``prompt=none`` and
+    ``prompt=auto`` need none of these: every image is predicted, in name order (video frames too).
     """
     prompt = prompt or BoxPrompt()
     images = list_images(input)
@@ -178,11 +179,19 @@ def plan_jobs(input: str | Path, prompts: str | Path | None = None, box=None, pr
         images = images[:max(0, int(limit))]  # the first images by name: a quick look at a big folder
     single = Path(input).expanduser().is_file()
     plan = Plan([])
+    if not prompt.needs_mask:
+        if prompts is not None or box is not None:
+            raise ConfigError(f"prompt={prompt.name} needs no prompts: drop prompts=/box=, or use prompt=box to "
+                              "predict from your boxes.")
+        sizes = _header_sizes(images, plan, single)
+        plan.jobs = [Job(img, PromptSet(empty=True), prompt.label(), sizes[img]) for img in images if img in sizes]
+        return plan
     if prompts is not None and box is not None:
         raise ConfigError("give either prompts=<boxes.json|boxes.csv|masks folder> or box=[x0,y0,x1,y1], not both.")
     if prompts is None and box is None:
         raise ConfigError("SAM needs a prompt per image: give prompts=<boxes.json|boxes.csv|masks folder>, or "
-                          "box=[x0,y0,x1,y1] for a single image.")
+                          "box=[x0,y0,x1,y1] for a single image; or prompt=auto with a checkpoint trained "
+                          "with prompt=mixed to predict with no prompt at all.")
     sizes = _header_sizes(images, plan, single)
     if box is not None:
         if not single:

@@ -15,14 +15,15 @@ from polypsam.cli import one_line
 from polypsam.data.io import read_mask_report
 from polypsam.drawing import overlay
 from polypsam.errors import ConfigError
-from polypsam.inference import ImageItems, Prediction, Predictor, as_list
+from polypsam.inference import AutoPredictor, ImageItems, Prediction, Predictor, as_list
 from polypsam.models.sam import PromptableSAM
 from polypsam.prediction.plan import Job, Plan
 from polypsam.progress import count_bar
+from polypsam.prompts import PromptType
 
 
 def _write_outputs(job: Job, out: Path, pred: Prediction, threshold: float, seconds: dict,
-                   original: np.ndarray | None, identity: dict) -> dict:
+                   original: np.ndarray | None, identity: dict, stage1: Prediction | None = None) -> dict:
     """Mask, overlay and the JSON record; ``seconds`` gains the time spent here ("write") and "total"."""
     t0 = time.perf_counter()
     mask = pred.prob > threshold
@@ -30,7 +31,7 @@ def _write_outputs(job: Job, out: Path, pred: Prediction, threshold: float, seco
     Image.fromarray(mask.astype(np.uint8) * 255, mode="L").save(out / "masks" / f"{job.stem}.png")
     record = {
         "image": str(job.image), "size": {"height": job.hw[0], "width": job.hw[1]},
-        **job.prompts.as_json(), "coordinates": "original-image pixels; boxes xyxy, points xy",
+        **pred.prompts.as_json(), "coordinates": "original-image pixels; boxes xyxy, points xy",
         "prompt": job.source, "predicted_iou": [round(float(v), 4) for v in pred.iou],
         "foreground_fraction": round(float(mask.mean()), 6), "threshold": threshold,
         "mask": f"masks/{job.stem}.png", "seconds": seconds, **identity,
@@ -41,9 +42,12 @@ def _write_outputs(job: Job, out: Path, pred: Prediction, threshold: float, seco
     if original is not None:
         gt = read_mask_report(job.mask).mask if job.mask is not None else np.zeros(mask.shape, bool)
         (out / "overlays").mkdir(exist_ok=True)
-        Image.fromarray(overlay(original, gt, mask, job.prompts.boxes)).save(
+        Image.fromarray(overlay(original, gt, mask, pred.prompts.boxes)).save(
             out / "overlays" / f"{job.stem}.jpg", quality=90)
         record["overlay"] = f"overlays/{job.stem}.jpg"
+    if stage1 is not None:  # prompt=auto: boxes and scores above are the proposals; none is a miss
+        record["proposals"] = len(pred.prompts)
+        record["stage1_foreground_fraction"] = round(float((stage1.prob > threshold).mean()), 6)
     seconds["write"] = round(time.perf_counter() - t0, 4)
     seconds["total"] = round(seconds["model"] + seconds["write"], 4)
     (out / "json").mkdir(exist_ok=True)
@@ -54,13 +58,18 @@ def _write_outputs(job: Job, out: Path, pred: Prediction, threshold: float, seco
 def run_prediction(net: PromptableSAM, plan: Plan, out_dir: str | Path, identity: dict | None = None,
                    batch_size: int = 8, num_workers: int = 0, device: str | torch.device = "auto",
                    precision: str = "32", threshold: float = 0.5, overlays: bool = True,
-                   progress: bool = True) -> dict:
-    """Predict every job of ``plan`` in batches; writes the per-image files and ``summary.json``."""
+                   progress: bool = True, prompt: PromptType | None = None,
+                   proposer: PromptableSAM | None = None) -> dict:
+    """Predict every job of ``plan`` in batches; writes the per-image files and ``summary.json``.
+
+    ``prompt=auto`` (``prompt.from_model``) proposes each image's boxes with ``proposer`` (default: ``net``).
+    """
     if batch_size < 1:
         raise ConfigError(f"batch_size={batch_size}: must be at least 1.")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     predictor = Predictor(net, device, precision)
+    auto = AutoPredictor(predictor, prompt, proposer) if prompt is not None and prompt.from_model else None
     identity = dict(identity or {})
     items = ImageItems([j.image for j in plan.jobs], net.spec, keep_image=overlays)
     loader = DataLoader(items, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=as_list)
@@ -78,15 +87,20 @@ def run_prediction(net: PromptableSAM, plan: Plan, out_dir: str | Path, identity
                 continue
             t0 = time.perf_counter()
             jobs = [plan.jobs[it["index"]] for it in good]
-            preds = predictor.predict(torch.stack([it["canvas"] for it in good]), [it["resize"] for it in good],
-                                      [j.prompts for j in jobs])
+            canvases, resizes = torch.stack([it["canvas"] for it in good]), [it["resize"] for it in good]
+            stage1 = [None] * len(good)
+            if auto is not None:
+                two = auto.predict(canvases, resizes)
+                preds, stage1 = two.refined, two.proposal
+            else:
+                preds = predictor.predict(canvases, resizes, [j.prompts for j in jobs])
             t_model = time.perf_counter() - t0
             model_seconds += t_model
-            for job, it, pred in zip(jobs, good, preds):
+            for job, it, pred, first in zip(jobs, good, preds, stage1):
                 # the batch's model time is shared equally by its images
                 seconds = {"model": round(t_model / len(good), 4), "batch": round(t_model, 4),
                            "batch_size": len(good)}
-                _write_outputs(job, out, pred, threshold, seconds, it.get("image"), identity)
+                _write_outputs(job, out, pred, threshold, seconds, it.get("image"), identity, first)
                 done += 1
                 bar.advance(task)
     wall = time.perf_counter() - t_start

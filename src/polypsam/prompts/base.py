@@ -36,28 +36,42 @@ SINGLE_MASK_UNUSED = (
 
 @dataclass
 class PromptSet:
-    """The K prompts of one image. Boxes, points or both; every field has K rows.
+    """The K prompts of one image. Boxes, points or both, or the empty prompt; every field has K rows.
 
     boxes:  (K, 4) float32 XYXY, or None
     points: (K, P, 2) float32 xy, or None
     labels: (K, P) int64, 1 = inside the polyp, 0 = outside; None when points is None
     scores: (K,) float32 confidence of proposed prompts, or None (prompts from ground truth)
+    empty:  True: one prompt with neither box nor click, SAM's empty prompt (K = 1, prompt-free)
     """
 
     boxes: np.ndarray | None = None
     points: np.ndarray | None = None
     labels: np.ndarray | None = None
     scores: np.ndarray | None = None
+    empty: bool = False
 
     def __post_init__(self):
         if (self.points is None) != (self.labels is None):
             raise ValueError("PromptSet: points and labels go together")
+        if self.empty and (self.boxes is not None or self.points is not None):
+            raise ValueError("PromptSet: the empty prompt has neither boxes nor points")
         ks = {len(a) for a in (self.boxes, self.points) if a is not None}
         if len(ks) > 1:
             raise ValueError(f"PromptSet: boxes and points disagree on the number of prompts ({sorted(ks)})")
 
     def __len__(self) -> int:
+        if self.empty:
+            return 1
         return len(self.boxes) if self.boxes is not None else len(self.points) if self.points is not None else 0
+
+    @property
+    def kind(self) -> str | None:
+        """``box``, ``point``, ``box+point``, ``empty``, or None for no prompt at all."""
+        if self.empty:
+            return "empty"
+        kinds = [k for k, v in (("box", self.boxes), ("point", self.points)) if v is not None and len(v)]
+        return "+".join(kinds) or None
 
     def scaled(self, sx: float, sy: float) -> PromptSet:
         """Coordinates multiplied by (sx, sy): original frame <-> the model's input frame."""
@@ -91,12 +105,15 @@ class PromptBatch:
     points:       (K, P, 2) float32, or None
     point_labels: (K, P) int64, or None
     image_index:  (K,) int64: the image of the batch each prompt belongs to
+    prompt_free:  (K,) bool: prompts decoded with SAM's empty prompt (their box/point rows are zeros and
+                  ignored), or None when none is; mixed-prompt training batches hold both kinds
     """
 
     image_index: torch.Tensor
     boxes: torch.Tensor | None = None
     points: torch.Tensor | None = None
     point_labels: torch.Tensor | None = None
+    prompt_free: torch.Tensor | None = None
 
     @property
     def point_pairs(self) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -107,20 +124,31 @@ class PromptBatch:
 
 
 def collate_prompts(sets: list[PromptSet]) -> PromptBatch:
-    """Concatenate per-image prompt sets (input frame) into one batch; images without prompts add none."""
+    """Concatenate per-image prompt sets (input frame) into one batch; images without prompts add none.
+
+    Empty prompts may share a batch with one other kind (mixed-prompt training): they get zero rows in
+    that kind's tensors and ``prompt_free`` marks them.
+    """
+    used = [s for s in sets if len(s)]
     index = torch.cat([torch.full((len(s),), j, dtype=torch.long) for j, s in enumerate(sets)]) if sets \
         else torch.zeros(0, dtype=torch.long)
-    kinds = {(s.boxes is not None, s.points is not None) for s in sets if len(s)}
+    kinds = {(s.boxes is not None, s.points is not None) for s in used if not s.empty}
     if len(kinds) > 1:
-        raise ValueError("collate_prompts: every image of a batch needs the same kind of prompt")
-    has_boxes, has_points = kinds.pop() if kinds else (True, False)
+        raise ValueError("collate_prompts: every image of a batch needs the same kind of prompt (or the "
+                         "empty prompt)")
+    has_boxes, has_points = kinds.pop() if kinds else (not any(s.empty for s in used), False)
+    free = [s.empty for s in used for _ in range(len(s))]
+    p = next((s.points.shape[1] for s in used if s.points is not None), 0)
     boxes = points = labels = None
     if has_boxes:
-        boxes = torch.from_numpy(np.concatenate([s.boxes for s in sets if len(s)] or [np.zeros((0, 4))])).float()
+        boxes = torch.from_numpy(np.concatenate(
+            [np.zeros((1, 4), np.float32) if s.empty else s.boxes for s in used] or [np.zeros((0, 4))])).float()
     if has_points:
-        points = torch.from_numpy(np.concatenate([s.points for s in sets if len(s)])).float()
-        labels = torch.from_numpy(np.concatenate([s.labels for s in sets if len(s)])).long()
-    return PromptBatch(index, boxes, points, labels)
+        points = torch.from_numpy(np.concatenate(
+            [np.zeros((1, p, 2), np.float32) if s.empty else s.points for s in used])).float()
+        labels = torch.from_numpy(np.concatenate(
+            [np.ones((1, p), np.int64) if s.empty else s.labels for s in used])).long()
+    return PromptBatch(index, boxes, points, labels, torch.tensor(free) if any(free) else None)
 
 
 def seeded_rng(seed: int, key: str, noise: float = 0.0) -> np.random.Generator:
@@ -133,6 +161,9 @@ class PromptType:
 
     name: ClassVar[str]
     seed: int
+    # True: the prompts come from the network itself (``prompt=auto``), not from a mask; such a type
+    # cannot train, and evaluation and prediction run it through ``inference.AutoPredictor``
+    from_model: ClassVar[bool] = False
 
     @property
     def stochastic(self) -> bool:
@@ -142,6 +173,17 @@ class PromptType:
     def make(self, mask: np.ndarray, rng: np.random.Generator, noisy: bool = True) -> PromptSet:
         """Prompts for one (H, W) bool mask in its pixels; ``noisy=False`` leaves out training noise."""
         raise NotImplementedError
+
+    @property
+    def needs_mask(self) -> bool:
+        """Whether prompts come from a mask (ground truth, or a prompt mask in prediction)."""
+        return True
+
+    @property
+    def prompt_free(self) -> bool:
+        """Whether this type decodes SAM's empty prompt (always, or for some samples): a checkpoint trained
+        without it is flagged when evaluated with such a type."""
+        return False
 
     @property
     def unused_parameters(self) -> tuple[str, ...]:
