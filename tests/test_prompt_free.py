@@ -7,12 +7,15 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
 from PIL import Image
 
+from polypsam.config import CONF_DIR, prompt_from_cfg
 from polypsam.data.io import read_mask
 from polypsam.data.transforms import Resize
 from polypsam.errors import ConfigError
 from polypsam.evaluation import EvalSettings, evaluate_model
+from polypsam.evaluation.tasks import untrained_prompt_warning
 from polypsam.inference import AutoPredictor, Predictor
 from polypsam.metrics import dice_iou
 from polypsam.models import build_model
@@ -64,6 +67,25 @@ def test_mixed_draws_each_type_at_its_rate_and_validates_with_one():
 def test_mixed_settings_errors(cfg, match):
     with pytest.raises(ConfigError, match=match):
         build_prompt({"type": "mixed", **cfg})
+
+
+def test_mixed_composes_from_the_command_line():
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("train", overrides=["prompt=mixed", "~prompt.options",
+                                          "+prompt.options={point: {p: 0.3}, box: {p: 0.7}}", "prompt.validate=box"])
+    m = prompt_from_cfg(cfg)
+    assert [(p.name, w) for p, w in m.choices] == [("point", 0.3), ("box", 0.7)]
+    assert m.without_noise() == BoxPrompt() and not m.prompt_free
+
+
+def test_a_box_trained_checkpoint_is_flagged_for_prompt_free_use():
+    box_run = {"config": {"prompt": {"type": "box", "jitter_frac": 0.1}}}
+    assert "trained with prompt=box (box jitter 0.1) only" in untrained_prompt_warning(NonePrompt(), box_run)
+    assert "zero-shot" in untrained_prompt_warning(AutoPrompt(), None)
+    assert untrained_prompt_warning(AutoPrompt(), {"config": {"prompt": {"type": "mixed"}}}) is None
+    assert untrained_prompt_warning(BoxPrompt(), box_run) is None
+    old = {"config": {}}  # checkpoints from before the prompt group trained with boxes
+    assert "prompt=box" in untrained_prompt_warning(NonePrompt(), old)
 
 
 def test_auto_cannot_train():
@@ -157,7 +179,8 @@ def auto_eval(tmp_path_factory):
     root = make_root(tmp / "root")
     auto = AutoPrompt(threshold=0.5, min_score=0.0, min_area=0.0, max_boxes=2)
     settings = EvalSettings(prompt=auto, noise=(0.0, 0.1), device="cpu", figures=True)
-    return root, evaluate_model(_tiny(), root, tmp / "ev", settings, verbose=False)
+    identity = {"untrained_prompt": untrained_prompt_warning(auto, None)}  # as the evaluate CLI passes it
+    return root, evaluate_model(_tiny(), root, tmp / "ev", settings, identity=identity, verbose=False)
 
 
 def test_auto_reports_its_stages_and_detection_counts(auto_eval):
@@ -185,6 +208,7 @@ def test_auto_reports_its_stages_and_detection_counts(auto_eval):
     rob = pd.read_csv(out / "robustness.csv")
     np.testing.assert_allclose(rob[rob["noise"] == 0]["dice"], res.companion_summaries["box"]["dice"])
     md = (out / "summary.md").read_text()
+    assert "zero-shot SAM was pretrained with prompts only" in md  # the random tiny net never saw no prompt
     assert "Table 2 layout, prompt-free" in md and "ASPS (quoted" in md and "Table 2 layout, oracle box" in md
     assert md.index("HSNet (quoted") < md.index("Table 2 layout, oracle box") < md.index("Polyp-SAM-B (quoted")
     assert "## Detection" in md and (out / "robustness.png").is_file()
