@@ -312,15 +312,19 @@ def test_evaluate_cli_writes_every_output(tiny_eval, tiny_run):
 def test_compare_merges_runs(tiny_eval, tmp_path, capsys):
     _, run, ev = tiny_eval
     assert compare_main([str(run), str(ev), "--out", str(tmp_path)]) == 0
-    with open(tmp_path / "compare.csv") as f:
+    with open(tmp_path / "table.csv") as f:
         table = list(csv.DictReader(f))
     assert [(r["run"], r["strategy"], r["prompt"]) for r in table] == [("run", "enc_dec", "box"),
                                                                         ("ev", "enc_dec", "box jitter 0.1")]
     assert float(table[1]["Kvasir DSC"]) == pytest.approx(pd.read_csv(ev / "summary.csv").loc[0, "dice"])
-    md = (tmp_path / "compare.md").read_text()
+    md = (tmp_path / "table.md").read_text()
     assert "| run | backbone | strategy | split | prompt | Kvasir |  | CVC-300 |  | My-Clinic |" in md
     assert compare_main([str(tmp_path / "nothing")]) == 2
     assert "no evaluation found" in capsys.readouterr().err
+    assert compare_main([str(run), str(ev), "--names", "boxed,jittered", "--out", str(tmp_path / "n")]) == 0
+    assert pd.read_csv(tmp_path / "n" / "table.csv")["run"].tolist() == ["boxed", "jittered"]
+    assert compare_main([str(run), str(ev), "--names", "one"]) == 2
+    assert "give one per directory" in capsys.readouterr().err
 
 
 @pytest.mark.slow  # a subprocess or a training run

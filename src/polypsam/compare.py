@@ -22,20 +22,25 @@ from polypsam.errors import ConfigError, DataError, PolypSamError
 from polypsam.provenance_table import provenance_markdown, provenance_rows
 
 
-def compare(paths: Sequence[str | Path], metric: str = "dice") -> pd.DataFrame:
-    """A row per evaluation: identity columns, then ``<set> DSC`` / ``<set> mIoU``, the mean over sets."""
+def compare(paths: Sequence[str | Path], metric: str = "dice", names: Sequence[str] | None = None) -> pd.DataFrame:
+    """A row per evaluation: identity columns, then ``<set> DSC`` / ``<set> mIoU``, the mean over sets.
+
+    ``names``: the ``run`` column, one per path (default: the run folder's name)."""
     if metric not in rep.PAIRS:
         raise ConfigError(f"--metric {metric!r}: choose one of {', '.join(rep.PAIRS)}.")
     if not paths:
         raise ConfigError("give at least one run or evaluation directory.")
+    if names is not None and len(names) != len(paths):
+        raise ConfigError(f"--names gives {len(names)} names for {len(paths)} directories; give one per directory.")
     dkey, ikey = rep.PAIRS[metric]
     evals = [_load(p) for p in paths]
     sets = rep.ordered_sets([s for e in evals for s in e["summary"]["dataset"].astype(str)])
     rows = []
-    for e in evals:
+    for i, e in enumerate(evals):
         m = e["meta"]
         by = rep.summary_rows_by_set(e["summary"])
-        row = {"run": e["dir"].parent.name if e["dir"].name == "eval" else e["dir"].name,
+        default = e["dir"].parent.name if e["dir"].name == "eval" else e["dir"].name
+        row = {"run": names[i] if names is not None else default,
                "backbone": m.get("model"), "strategy": m.get("strategy"), "split": m.get("split"),
                "prompt": m.get("prompt", {}).get("label") or m.get("prompt", {}).get("mode"), "images": m.get("n_images"),
                "unreadable": m.get("n_unreadable")}
@@ -82,7 +87,8 @@ def markdown_table_with_align(headers, rows, n_left: int) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m polypsam.compare", description=__doc__.split("\n\n")[1])
     ap.add_argument("runs", nargs="+", help="training run directories (with eval/) or evaluation directories")
-    ap.add_argument("--out", help="folder for compare.md/.csv and provenance.md/.csv (default: print the table)")
+    ap.add_argument("--out", help="folder for table.md/.csv and provenance.md/.csv (default: print the table)")
+    ap.add_argument("--names", help="comma-separated row names, one per directory (default: run folder names)")
     ap.add_argument("--metric", default="dice", choices=sorted(rep.PAIRS),
                     help="dice: per-image @0.5 (default); mean_dice: toolbox; row_dice: Polyp-SAM compat")
     args = ap.parse_args(argv)
@@ -90,18 +96,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _write(args: argparse.Namespace) -> int:
-    table = compare(args.runs, args.metric)
+    table = compare(args.runs, args.metric, args.names.split(",") if args.names else None)
     md = to_markdown(table, args.metric)
     print(md)
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "compare.md").write_text(md)
-        table.to_csv(out / "compare.csv", index=False)
+        (out / "table.md").write_text(md)
+        table.to_csv(out / "table.csv", index=False)
         prov = provenance_rows(list(zip(table["run"], [_load(p) for p in args.runs])))
         (out / "provenance.md").write_text(provenance_markdown(prov, out))
         prov.to_csv(out / "provenance.csv", index=False)
-        print(f"wrote {out / 'compare.md'}, {out / 'compare.csv'}, {out / 'provenance.md'} and "
+        print(f"wrote {out / 'table.md'}, {out / 'table.csv'}, {out / 'provenance.md'} and "
               f"{out / 'provenance.csv'}")
     return 0
 

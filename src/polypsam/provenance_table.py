@@ -35,9 +35,14 @@ def _checkpoint(evaluation: dict) -> Path | None:
     return path if path.is_file() else beside if beside.is_file() else path
 
 
-def _run_dir(ckpt: Path | None) -> Path | None:
+def _run_dir(evaluation: dict, ckpt: Path | None) -> Path | None:
+    """The training run: the folder the evaluation sits in when it is a run folder (a run's eval/, or a
+    copy of the run's records), else the checkpoint's run folder."""
     if ckpt is None:
         return None
+    here = evaluation["dir"].parent
+    if (here / "config_resolved.yaml").is_file() and (here / "split.json").is_file():
+        return here
     return ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
 
 
@@ -80,13 +85,14 @@ def provenance_rows(named_evaluations: list[tuple[str, dict]]) -> pd.DataFrame:
     rows = []
     for name, e in named_evaluations:
         ckpt = _checkpoint(e)
-        run = _run_dir(ckpt)
+        run = _run_dir(e, ckpt)
         config = _file(run / "config_resolved.yaml") if run else _file(e["dir"] / "config_resolved.yaml")
         split = _file(run / "split.json") if run else None
         train, ev = _sessions(provenance.read(run) if run else []), _sessions(provenance.read(e["dir"]))
         rows.append({
             "run": name, "config": config, "split": split, "split_sha256": split and sha256_file(split),
-            "checkpoint": ckpt, "checkpoint_sha256": _file(ckpt) and sha256_file(ckpt),
+            "checkpoint": ckpt,  # the digest the evaluation recorded, else the file's own
+            "checkpoint_sha256": e["meta"].get("checkpoint_sha256") or (_file(ckpt) and sha256_file(ckpt)),
             "polypsam_version": _once([train["version"], e["meta"].get("polypsam_version")]),
             "train_commit": train["commit"], "eval_commit": ev["commit"],
             "train_hardware": train["hardware"], "eval_hardware": ev["hardware"],

@@ -13,6 +13,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from polypsam.checkpoints import load_model
 from polypsam.config import model_from_cfg, prompt_from_cfg
+from polypsam.download import sha256_file
 from polypsam.errors import ConfigError
 from polypsam.evaluation.report import console_summary, log_wandb, write_outputs
 from polypsam.evaluation.runner import EvalResult, run_evaluation
@@ -87,7 +88,8 @@ def run_identity(meta: dict, ckpt_path: str | Path) -> dict:
         split += f" (split {Path(data['split_file']).name})"
     return {"model": meta["model"], "strategy": (cfg.get("strategy") or {}).get("name", "fine-tuned"),
             "trained_prompt": (cfg.get("prompt") or {}).get("type", "box"), "split": split,
-            "checkpoint": str(Path(ckpt_path).resolve()), "task_name": cfg.get("task_name")}
+            "checkpoint": str(Path(ckpt_path).resolve()), "checkpoint_sha256": sha256_file(ckpt_path),
+            "task_name": cfg.get("task_name")}
 
 
 def _wandb_from_cfg(cfg, out: Path, identity: dict):
