@@ -1,0 +1,202 @@
+"""The CPU study: every row on ../shared/data/polyp with one split file, then experiments/results/lite_cpu/.
+
+    python experiments/lite_cpu.py                     # run what is missing, then write the report
+    python experiments/lite_cpu.py --report-only       # the report from the rows finished so far
+    python experiments/lite_cpu.py --rows dec_box_s43 dec_box_s44 --runs /scratch/lite_cpu
+
+A finished row (its evaluation holds summary.csv) is skipped; a run with a last.ckpt resumes
+(``resume=<run>``); the others start fresh from conf/sweep/lite_cpu_jobs/. Stop it at any time (Ctrl-C,
+SIGTERM, the end of a session): the next call continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+from PIL import Image
+
+from polypsam import compare
+from polypsam.study import paired_comparison, seed_spread
+from polypsam.study.figures import robustness_all, validation_curves
+from polypsam.study.report import RowResult, detection_markdown, headline, paired_markdown, spread_markdown
+
+REPO = Path(__file__).resolve().parents[1]
+OUT = REPO / "experiments" / "results" / "lite_cpu"
+DATA = Path(os.environ.get("POLYPSAM_DATA_ROOT", REPO.parent / "shared" / "data" / "polyp"))
+
+
+@dataclass(frozen=True)
+class Row:
+    name: str
+    label: str
+    job: str | None = None  # conf/sweep/lite_cpu_jobs/<job>.yaml; None: zero-shot
+    evaluate: tuple[str, ...] = ()  # overrides of an extra evaluation; () with a job: the run's own eval/
+    eval_dir: str = "eval"
+
+
+ROWS = (
+    Row("zero_shot_box", "zero-shot, paper box (literal tight box)", evaluate=("model=lite",)),
+    Row("zero_shot_clean_box", "zero-shot, clean box (specks under 16 px ignored)",
+        evaluate=("model=lite", "prompt.min_area=16")),
+    Row("dec_box_s42", "decoder only, box, seed 42", "dec_box_s42"),
+    Row("dec_box_s43", "decoder only, box, seed 43", "dec_box_s43"),
+    Row("dec_box_s44", "decoder only, box, seed 44", "dec_box_s44"),
+    Row("dec_jitter_s42", "decoder only, jittered boxes", "dec_jitter_s42"),
+    Row("lora_box_s42", "LoRA (encoder) + decoder, box", "lora_box_s42"),
+    Row("dec_none", "decoder only, prompt-free (none)", "dec_mixed_s42"),
+    Row("dec_auto", "decoder only, automatic (auto)", "dec_mixed_s42", ("prompt=auto",), "eval_auto"),
+    Row("unet_s42", "U-Net baseline (smp), no prompt", "unet_s42"),
+)
+SEEDS = ("dec_box_s42", "dec_box_s43", "dec_box_s44")
+PAIRS = (("what fine-tuning buys", "dec_box_s42", "zero_shot_box"),
+         ("specks in the paper box", "zero_shot_clean_box", "zero_shot_box"),
+         ("jittered training boxes", "dec_jitter_s42", "dec_box_s42"),
+         ("LoRA against decoder only", "lora_box_s42", "dec_box_s42"),
+         ("SAM against a U-Net", "dec_box_s42", "unet_s42"),
+         ("oracle box against no box", "dec_box_s42", "dec_auto"),
+         ("refining the proposals", "dec_auto", "dec_none"))
+
+
+def run_dir(row: Row, runs: Path) -> Path:
+    return runs / (row.job or row.name)
+
+
+def eval_dir(row: Row, runs: Path) -> Path:
+    return run_dir(row, runs) / row.eval_dir if row.job else run_dir(row, runs)
+
+
+def _call(module: str, *args: str) -> None:
+    print(f"[lite_cpu] python -m {module} {' '.join(args)}", flush=True)
+    subprocess.run([sys.executable, "-m", module, *args], check=True, cwd=REPO)
+
+
+def run_row(row: Row, runs: Path) -> None:
+    """Train (fresh or resumed) and evaluate one row, skipping what is done."""
+    run = run_dir(row, runs)
+    if row.job and not (run / "eval" / "summary.csv").is_file():
+        if (run / "checkpoints" / "last.ckpt").is_file():
+            _call("polypsam.train", f"resume={run}")
+        else:
+            _call("polypsam.train", "+sweep=lite_cpu", f"+sweep/lite_cpu_jobs={row.job}", f"hydra.run.dir={run}")
+    out = eval_dir(row, runs)
+    if row.evaluate and not (out / "summary.csv").is_file():
+        ckpt = [f"ckpt_path={run / 'checkpoints' / 'best.ckpt'}"] if row.job else []
+        _call("polypsam.evaluate", *ckpt, *row.evaluate, f"data.root={DATA}", f"hydra.run.dir={out}")
+
+
+def copy_records(row: Row, runs: Path) -> Path | None:
+    """The row's small records beside the report (no checkpoint: its sha256 is in meta.json)."""
+    src, dst = eval_dir(row, runs), OUT / "rows" / row.name
+    if not (src / "summary.csv").is_file():
+        return None
+    if dst.exists():
+        shutil.rmtree(dst)
+    ev = dst / row.eval_dir if row.job else dst
+    ev.mkdir(parents=True)
+    for f in src.iterdir():
+        if f.suffix in (".csv", ".json", ".md", ".yaml"):
+            shutil.copy(f, ev / f.name)
+    for f in sorted((src / "figures").glob("*.png")) + sorted(src.glob("robustness.png")):
+        (ev / "figures").mkdir(exist_ok=True)
+        im = Image.open(f).convert("RGB")
+        im.thumbnail((1100, 1100))
+        im.save(ev / "figures" / f"{f.stem}.jpg", quality=80)
+    if row.job:
+        run = run_dir(row, runs)
+        for name in ("config_resolved.yaml", "split.json", "results.json", "provenance.json", "data_report.json"):
+            if (run / name).is_file():
+                shutil.copy(run / name, dst / name)
+        if (run / "csv" / "metrics.csv").is_file():
+            (dst / "csv").mkdir(exist_ok=True)
+            shutil.copy(run / "csv" / "metrics.csv", dst / "csv" / "metrics.csv")
+    return ev
+
+
+def data_notes(runs: Path) -> None:
+    """polypsam's own data reports: masks stretched by specks, test frames with a near-duplicate in training."""
+    if not (OUT / "specks.json").is_file():
+        _call("polypsam.data.specks", str(DATA), "--out", str(OUT / "specks.json"))
+    if not (OUT / "neighbours.json").is_file():
+        _call("polypsam.data.neighbours", str(DATA), "--split", str(OUT / "split.json"), "--out",
+              str(OUT / "neighbours.json"))
+
+
+def write_report(done: list[tuple[Row, Path]]) -> None:
+    results = {}
+    for row, ev in done:
+        det = ev / "detection.csv"
+        results[row.name] = RowResult(row.name, row.label, ev.relative_to(OUT), pd.read_csv(ev / "summary.csv"),
+                                      pd.read_csv(ev / "per_image.csv"), pd.read_csv(det) if det.is_file() else None)
+    compare.main([*map(str, (ev for _, ev in done)), "--names", ",".join(r.name for r, _ in done), "--out", str(OUT)])
+    sets = sorted({s for r in results.values() for s in r.summary["dataset"]}, key=lambda s: s != "Kvasir")
+    seeds = {n: results[n].summary for n in SEEDS if n in results}
+    spread = seed_spread(seeds) if len(seeds) >= 2 else None
+    pairs = [(q, a, b, paired_comparison(results[a].per_image, results[b].per_image))
+             for q, a, b in PAIRS if a in results and b in results]
+    curves = {r.name: OUT / "rows" / r.name / "csv" / "metrics.csv" for r, _ in done
+              if (OUT / "rows" / r.name / "csv" / "metrics.csv").is_file() and r.eval_dir == "eval"}
+    (OUT / "figures").mkdir(exist_ok=True)
+    if curves:
+        validation_curves(curves).savefig(OUT / "figures" / "validation_curves.png")
+    rob = {r.name: pd.read_csv(ev / "robustness.csv") for r, ev in done if (ev / "robustness.csv").is_file()}
+    flat = {r.name: results[r.name].summary for r, ev in done if not (ev / "robustness.csv").is_file()}
+    if rob:
+        robustness_all(rob, flat).savefig(OUT / "figures" / "robustness.png")
+    missing = [r for r in ROWS if r.name not in results]
+    text = (REPO / "experiments" / "lite_cpu_notes.md").read_text()
+    parts = ["# The CPU study: LiteMedSAM on real Kvasir-SEG and CVC-ClinicDB images", "",
+             "Regenerate every number: `python experiments/lite_cpu.py` (resumable; finished rows are skipped). "
+             "Rows, recipes and commands: `src/polypsam/conf/sweep/lite_cpu*.yaml`, `experiments/lite_cpu.py`.", "",
+             f"Rows finished: {len(results)} of {len(ROWS)}."]
+    if missing:
+        parts += ["Not run yet (the driver runs them next): " + ", ".join(f"`{r.name}`" for r in missing) + "."]
+    parts += ["", "## Headline: per-image Dice at 0.5 on the test images", "", headline(list(results.values()), sets),
+              "", "Per-image Dice and IoU at threshold 0.5 at the original resolution, mean over the images of a "
+              "set, 95% percentile-bootstrap interval; mDice is the PraNet toolbox's (256 thresholds). The full "
+              "table with IoU: [table.md](table.md); provenance of every row (config, split, checkpoint sha256, "
+              "commit, hardware, wall-clock): [provenance.md](provenance.md).", ""]
+    if spread is not None:
+        parts += ["## Seeds (decoder only, box)", "", spread_markdown(spread), ""]
+    if pairs:
+        parts += ["## Paired comparisons on the same images", "",
+                  "Per-image differences, a - b: mean with a 95% paired-bootstrap interval (10,000 resamples of "
+                  "images) and the two-sided Wilcoxon signed-rank test. A difference smaller than the range over "
+                  "seeds is called noise.", "", paired_markdown(pairs, spread), ""]
+    if "dec_auto" in results and results["dec_auto"].detection is not None:
+        parts += ["## No box: what stage 1 proposed", "", detection_markdown(results["dec_auto"].detection), ""]
+    parts += ["## Figures", "", "- [prompt robustness, every row](figures/robustness.png)",
+              "- [validation Dice per epoch, every trained row](figures/validation_curves.png)",
+              "- best, median and worst image per row and set: `rows/<row>/<eval>/figures/<set>.jpg`", "", text]
+    (OUT / "README.md").write_text("\n".join(parts))
+    print(f"[lite_cpu] wrote {OUT / 'README.md'} ({len(results)} rows)")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--runs", default=str(REPO / "outputs" / "lite_cpu"), help="where the runs live")
+    ap.add_argument("--rows", nargs="*", help="only these rows (default: all)")
+    ap.add_argument("--report-only", action="store_true", help="write the report from the finished rows")
+    args = ap.parse_args(argv)
+    runs = Path(args.runs).resolve()
+    chosen = [r for r in ROWS if not args.rows or r.name in args.rows]
+    if not args.report_only:
+        for row in chosen:
+            run_row(row, runs)
+    data_notes(runs)
+    done = [(r, ev) for r in ROWS if (ev := copy_records(r, runs)) is not None]
+    if not done:
+        print("[lite_cpu] no row has finished yet; nothing to report")
+        return 1
+    write_report(done)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,76 @@
+"""The study report: README.md of a results folder, from the rows' copied records and the comparisons.
+
+Every number here is read from a row's ``eval*/summary.csv``, ``per_image.csv`` or ``detection.csv``
+(copied beside the report with the run's ``config_resolved.yaml``, ``split.json`` and provenance), and
+``provenance.md`` (``python -m polypsam.compare``) traces each row to its checkpoint's sha256, commit,
+hardware and wall-clock time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from polypsam import reporting as rep
+
+
+@dataclass
+class RowResult:
+    name: str
+    label: str
+    eval_dir: Path  # relative to the report folder
+    summary: pd.DataFrame
+    per_image: pd.DataFrame
+    detection: pd.DataFrame | None = None
+
+
+def _ci(r: dict, key: str = "dice") -> str:
+    return f"{r[key]:.3f} [{r[f'{key}_ci_low']:.3f}, {r[f'{key}_ci_high']:.3f}]"
+
+
+def headline(rows: list[RowResult], sets: list[str]) -> str:
+    headers = ["row"] + [f"{rep.SHORT_NAMES.get(s, s)} Dice@0.5 [95% CI]" for s in sets] + \
+        [f"{rep.SHORT_NAMES.get(s, s)} mDice" for s in sets] + ["records"]
+    body = []
+    for r in rows:
+        by = rep.summary_rows_by_set(r.summary)
+        body.append([r.label] + [_ci(by[s]) if s in by else "–" for s in sets]
+                    + [rep.fmt(by[s]["mean_dice"]) if s in by else "–" for s in sets]
+                    + [f"[{r.name}]({r.eval_dir.as_posix()}/summary.md)"])
+    return rep.markdown_table(headers, body)
+
+
+def paired_markdown(comparisons: list[tuple[str, str, str, pd.DataFrame]], spread: pd.DataFrame | None) -> str:
+    """(what it asks, row a, row b, paired_comparison table) -> one Markdown table with a verdict column."""
+    sd = {} if spread is None else {r["dataset"]: r for r in spread.to_dict("records")}
+    body = []
+    for question, a, b, table in comparisons:
+        for r in table.to_dict("records"):
+            s = sd.get(r["dataset"])
+            noise = s is not None and s["sd"] is not None and abs(r["diff"]) < (s["max"] - s["min"])
+            covers = r["ci_low"] <= 0 <= r["ci_high"]
+            verdict = ("noise (smaller than the seed spread)" if noise else
+                       "not distinguishable (interval covers 0)" if covers else
+                       f"{a if r['diff'] > 0 else b} higher")
+            p = "–" if r["wilcoxon_p"] is None else f"{r['wilcoxon_p']:.2g}"
+            body.append([question, rep.SHORT_NAMES.get(r["dataset"], r["dataset"]), str(r["n_images"]),
+                         f"{r['mean_a']:.3f}", f"{r['mean_b']:.3f}",
+                         f"{r['diff']:+.3f} [{r['ci_low']:+.3f}, {r['ci_high']:+.3f}]", p, verdict])
+    return rep.markdown_table(["comparison (a vs b)", "set", "images", "a", "b", "a - b [95% paired bootstrap]",
+                               "Wilcoxon p", "reading"], body)
+
+
+def spread_markdown(spread: pd.DataFrame) -> str:
+    body = [[rep.SHORT_NAMES.get(r["dataset"], r["dataset"]), str(r["seeds"]), f"{r['mean']:.3f}",
+             "–" if r["sd"] is None else f"{r['sd']:.3f}", f"{r['min']:.3f} – {r['max']:.3f}"]
+            for r in spread.to_dict("records")]
+    return rep.markdown_table(["set", "seeds", "mean Dice", "sd", "range"], body)
+
+
+def detection_markdown(det: pd.DataFrame) -> str:
+    cols = ["frames", "with_polyp", "proposals", "missed", "false_proposals", "correct_rejections", "false_alarms"]
+    return rep.markdown_table(["set", *[c.replace("_", " ") for c in cols]],
+                              [[rep.SHORT_NAMES.get(r["dataset"], r["dataset"]), *[str(r[c]) for c in cols]]
+                               for r in det.to_dict("records")])
