@@ -155,14 +155,14 @@ class TestEveryModel:
         merged = merge_prompt_logits(low, idx, 2)
         assert torch.equal(merged[0], low[0]) and torch.equal(merged[1], torch.maximum(low[1], low[2]))
 
-    @pytest.mark.parametrize("strategy", ["dec", "enc_dec"])
+    @pytest.mark.parametrize("strategy", ["dec", "enc_dec", "lora"])
     def test_strategy_trains_what_it_says(self, model_name, strategy):
-        net = build_model(model_name)
+        net = build_model(model_name, lora={} if strategy == "lora" else None)
         frozen = freeze_strategy(net, STRATEGIES[strategy], BoxPrompt().unused_parameters)
         before = {k: v.detach().clone() for k, v in net.named_parameters()}
         images, hw, boxes, idx = _batch(net.spec, b=2)
         opt = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=1.0)
-        encoder_grad = strategy == "enc_dec"
+        encoder_grad = strategy != "dec"
         logits, _ = net(images, hw, boxes, idx, encoder_grad=encoder_grad)
         logits.sigmoid().mean().backward()
         opt.step()
@@ -175,6 +175,8 @@ class TestEveryModel:
         if strategy == "dec":
             assert not enc and not any(k.startswith("prompt_encoder.") for k in changed)
             assert parameter_counts(net)["image_encoder"]["trainable"] == 0
+        elif strategy == "lora":  # the adapters only (B: A's first gradient is zero while B is)
+            assert enc and all(".lora_B." in k for k in enc)
         else:
             assert enc
         # every trainable parameter got a gradient: DDP needs no find_unused_parameters

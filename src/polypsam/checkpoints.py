@@ -18,8 +18,9 @@ import torch
 from lightning.fabric.plugins import CheckpointIO
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
+from polypsam.config import model_from_cfg
 from polypsam.errors import CheckpointError, ConfigError
-from polypsam.models import build_model
+from polypsam.models.identity import base_weights_sha256, check_base, with_base_state
 from polypsam.models.sam import PromptableSAM
 from polypsam.module import CHECKPOINT_KEY
 
@@ -126,15 +127,28 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
 
 def load_model(path: str | Path, expected_model: str | None = None, attention: str = "sdpa"
                ) -> tuple[PromptableSAM, dict[str, Any]]:
-    """The fine-tuned network of a checkpoint and its polypsam metadata (model, spec, config)."""
+    """The fine-tuned network of a checkpoint and its polypsam metadata (model, spec, config).
+
+    A LoRA checkpoint (``base_sha256`` in its metadata) holds only what trained: the model is built with its
+    base weights and adapters, the digest of those base weights checked, and the saved state put on top.
+    """
     ckpt = read_checkpoint(path)
     meta = ckpt[CHECKPOINT_KEY]
     name = meta["model"]
     if expected_model is not None and expected_model != name:
         raise CheckpointError(f"{path}: checkpoint is for model {name!r}, but model={expected_model!r} was asked; "
                               f"use model={name} or another checkpoint.")
-    net = build_model(name, pretrained=False, attention=attention)
+    config = meta.get("config") or {}
+    base = meta.get("base_sha256")
+    settings = {**(config.get("model") or {"name": name}), "attention": attention, "compile": False,
+                "gradient_checkpointing": False}
+    if base is None:
+        settings["pretrained"] = False  # every weight is in the checkpoint
+    net = model_from_cfg(settings, lora=(config.get("strategy") or {}).get("lora") if base else None)
     state = {k[len("net."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
+    if base is not None:
+        check_base(base, base_weights_sha256(net), str(path))
+        state = with_base_state(net, state)
     missing, unexpected = net.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise CheckpointError(f"{path}: weights do not fit model {name!r} ({len(missing)} missing, "

@@ -14,7 +14,7 @@ from polypsam.data.embedding_cache import EmbeddingCache
 from polypsam.data.image_cache import ImageCache
 from polypsam.devices import AUTO_WORKERS_CAP, processes_per_node, resolve_num_workers
 from polypsam.errors import ConfigError
-from polypsam.models import build_model
+from polypsam.models import build_model, takes_prompts
 from polypsam.models.sam import PromptableSAM
 from polypsam.prompts import PromptType, build_prompt, prompt_config
 
@@ -43,20 +43,26 @@ def derive_accumulation(effective_batch_size: int, batch_size: int, devices: int
     return accum, accum * per_step
 
 
-def model_from_cfg(mcfg: DictConfig, pretrained: bool | None = None) -> PromptableSAM:
-    return build_model(mcfg.name, pretrained=mcfg.pretrained if pretrained is None else pretrained,
-                       checkpoint_dir=mcfg.get("checkpoint_dir"), attention=mcfg.get("attention", "sdpa"),
-                       gradient_checkpointing=mcfg.get("gradient_checkpointing", False),
-                       compile=mcfg.get("compile", False))
+def model_from_cfg(mcfg: DictConfig, pretrained: bool | None = None, lora=None, **overrides) -> PromptableSAM:
+    """The ``model`` group's settings are ``build_model``'s arguments; ``lora``: a ``strategy.lora`` block."""
+    settings = OmegaConf.to_container(mcfg, resolve=True) if OmegaConf.is_config(mcfg) else dict(mcfg)
+    if pretrained is not None:
+        settings["pretrained"] = pretrained
+    if lora is not None and OmegaConf.is_config(lora):
+        lora = OmegaConf.to_container(lora, resolve=True)
+    return build_model(**{**settings, **overrides}, lora=lora)
 
 
 def embedding_cache_from_cfg(cfg: DictConfig, net: PromptableSAM) -> EmbeddingCache | None:
-    """The cache when it can be right: encoder fully frozen and no augmentation."""
+    """The cache when it can be right: a SAM image encoder fully frozen and no augmentation."""
     want = cfg.data.get("embedding_cache", {}).get("enabled", "auto")
+    if want is True and not takes_prompts(net):
+        raise ConfigError(f"data.embedding_cache.enabled=true: model={net.spec.name} is a prompt-free baseline "
+                          "without SAM image embeddings to cache; set data.embedding_cache.enabled=auto.")
     frozen = not any(p.requires_grad for p in net.image_encoder.parameters())
     augment = bool(cfg.data.get("augment"))
     if want == "auto":
-        want = frozen and not augment
+        want = frozen and not augment and takes_prompts(net)
     elif want and not frozen:
         raise ConfigError("data.embedding_cache.enabled=true needs a frozen image encoder (strategy=dec); "
                           "with a trainable encoder every epoch changes the embeddings.")

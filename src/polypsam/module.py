@@ -18,6 +18,8 @@ from polypsam.errors import DataError, TrainingDiverged
 from polypsam.inference import original_probabilities
 from polypsam.losses import SegmentationLoss
 from polypsam.metrics import dice_iou
+from polypsam.models.identity import base_weights_sha256, check_base, trainable_state, with_base_state
+from polypsam.models.lora import has_lora
 from polypsam.models.sam import PromptableSAM
 
 CHECKPOINT_KEY = "polypsam"
@@ -59,6 +61,8 @@ class PolypSAMModule(L.LightningModule):
         # the reported metric: per-image Dice/IoU at the original resolution (metrics.dice_iou, as evaluate)
         self.val_dice, self.val_iou = MeanMetric(), MeanMetric()
         self.val_examples: dict[str, Any] | None = None  # first validation batch, for overlays
+        # LoRA: checkpoints hold the trainable state and the sha256 of the frozen base weights it adapts
+        self.base_sha256 = base_weights_sha256(net) if has_lora(net) else None
 
     # -- modes ----------------------------------------------------------------------------------------
     def train(self, mode: bool = True):
@@ -174,4 +178,14 @@ class PolypSAMModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint[CHECKPOINT_KEY] = {"version": __version__, "model": self.net.spec.name,
                                       "spec": asdict(self.net.spec), "frozen_modules": self.frozen_modules,
-                                      "config": self.run_config}
+                                      "config": self.run_config, "base_sha256": self.base_sha256}
+        if self.base_sha256 is not None:
+            checkpoint["state_dict"] = trainable_state(self, checkpoint["state_dict"])
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Resuming a LoRA run: the same base weights, completed from this model's own."""
+        if self.base_sha256 is not None:
+            where = self._trainer.ckpt_path if self._trainer is not None else None
+            check_base(checkpoint.get(CHECKPOINT_KEY, {}).get("base_sha256"), self.base_sha256,
+                       str(where or "the checkpoint"))
+            checkpoint["state_dict"] = with_base_state(self, checkpoint["state_dict"])

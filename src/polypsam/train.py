@@ -38,6 +38,7 @@ from polypsam.devices import device_count, resolve_precision
 from polypsam.evaluation import evaluate_after_training
 from polypsam.launch import run_maybe_distributed
 from polypsam.models.freeze import freeze_strategy, parameter_counts
+from polypsam.models.registry import takes_prompts
 from polypsam.module import PolypSAMModule
 from polypsam.provenance import record as record_provenance
 from polypsam.resume import resume_argv
@@ -59,7 +60,8 @@ def _print_parameters(counts: dict, frozen: list[str], accum: int, effective: in
         t.add_row(name, f"{c['trainable']:,}", f"{c['frozen']:,}")
     con = Console()
     con.print(t)
-    con.print(f"frozen modules: {', '.join(frozen) or 'none'}")
+    shown = ", ".join(frozen[:8]) + (f", ... ({len(frozen)} in all)" if len(frozen) > 8 else "")
+    con.print(f"frozen modules: {shown or 'none'}")
     con.print(f"effective batch {effective} = batch {cfg.data.batch_size} x devices "
               f"{device_count(cfg.trainer.devices, cfg.trainer.accelerator)} x nodes {cfg.trainer.num_nodes} "
               f"x accumulation {accum} (asked for {cfg.data.effective_batch_size})")
@@ -81,13 +83,19 @@ def train(cfg: DictConfig) -> dict:
     if precision != cfg.trainer.precision:
         log.info("trainer.precision=%s: %s on this machine", cfg.trainer.precision, precision)
         cfg.trainer.precision = precision
+    net = model_from_cfg(cfg.model, lora=cfg.strategy.get("lora"))  # strategy=lora: peft adapters on the encoder
+    prompt = prompt_from_cfg(cfg)
+    if not takes_prompts(net) and not prompt.prompt_free:
+        # a baseline segments the whole image: one prompt-free query per image, in training and evaluation
+        log.warning("model=%s is a prompt-free baseline: prompt=%s does not apply, the run uses prompt=none",
+                    cfg.model.name, prompt.name)
+        with open_dict(cfg):
+            cfg.prompt = {"type": "none"}
+        prompt = prompt_from_cfg(cfg)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     if rank_zero_only.rank == 0:
         (out / "config_resolved.yaml").write_text(OmegaConf.to_yaml(resolved))
         record_provenance(out)  # version, git commit, hardware: provenance.json, one entry per session
-
-    net = model_from_cfg(cfg.model)
-    prompt = prompt_from_cfg(cfg)
     unused = prompt.unused_parameters if cfg.strategy.get("freeze_prompt_unused", True) else ()
     frozen = freeze_strategy(net, cfg.strategy.freeze, unused)
     cache = embedding_cache_from_cfg(cfg, net)

@@ -1,12 +1,13 @@
 """Model registry: ``build_model("vit_b")`` and friends, with errors that say what to do.
 
 Each entry knows its input size, pixel statistics and embedding size (``ModelSpec``) so that the
-data pipeline follows the model instead of hard-coding SAM's 1024.
+data pipeline follows the model instead of hard-coding SAM's 1024. Besides the SAM family it holds the
+prompt-free baselines of segmentation-models-pytorch (``models.baselines``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from functools import partial
 from pathlib import Path
 
@@ -16,24 +17,30 @@ from torch import nn
 
 from polypsam.errors import CheckpointError, ConfigError
 from polypsam.models import attention as attn
+from polypsam.models.baselines import OPTIONS as SMP_OPTIONS
+from polypsam.models.baselines import build_smp, default_spec
+from polypsam.models.lora import apply_lora
 from polypsam.models.sam import ModelSpec, PromptableSAM
 from polypsam.weights import resolve_checkpoint
 
 SAM_MEAN = (123.675, 116.28, 103.53)
 SAM_STD = (58.395, 57.12, 57.375)
 
-_BUILDERS: dict[str, Callable[..., PromptableSAM]] = {}
+_BUILDERS: dict[str, Callable[..., nn.Module]] = {}
 _SPECS: dict[str, ModelSpec] = {}
+_OPTIONS: dict[str, tuple[str, ...]] = {}  # the model.<option> settings a builder takes beyond the common ones
 
 
-def register_model(spec: ModelSpec):
-    """Decorator: register a builder ``fn(pretrained: bool, checkpoint_dir) -> PromptableSAM``."""
+def register_model(spec: ModelSpec, options: tuple[str, ...] = ()):
+    """Decorator: register a builder ``fn(pretrained: bool, checkpoint_dir, **options) -> PromptableSAM`` (or a
+    model with its interface, e.g. ``SmpSegmenter``)."""
 
     def wrap(fn):
         if spec.name in _BUILDERS:
             raise ValueError(f"model {spec.name!r} is registered twice")
         _BUILDERS[spec.name] = fn
         _SPECS[spec.name] = spec
+        _OPTIONS[spec.name] = tuple(options)
         return fn
 
     return wrap
@@ -50,32 +57,55 @@ def get_spec(name: str) -> ModelSpec:
     return _SPECS[name]
 
 
+def takes_prompts(net: nn.Module) -> bool:
+    """SAM-family models decode prompts; the smp baselines segment the whole image and ignore them."""
+    return isinstance(net, PromptableSAM)
+
+
 def build_model(name: str, pretrained: bool = True, checkpoint_dir: str | Path | None = None,
-                attention: str = "sdpa", gradient_checkpointing: bool = False, compile: bool = False
-                ) -> PromptableSAM:
+                attention: str = "sdpa", gradient_checkpointing: bool = False, compile: bool = False,
+                lora: Mapping | None = None, **options) -> PromptableSAM:
     """Build a registered model; ``pretrained=False`` skips weight loading (weights come from a ckpt).
 
+    ``lora``: the ``strategy.lora`` block; the image encoder gets peft LoRA adapters (``models.lora``).
     ``compile=True`` wraps the image encoder's forward in ``torch.compile`` in place
     (``nn.Module.compile``): parameters and state_dict keys are unchanged, so checkpoints and the
     embedding-cache fingerprint are too. Compilation happens on the first forward.
+    ``options``: the model's own settings (``model.encoder_name`` of a U-Net, ...).
     """
     get_spec(name)
-    net = _BUILDERS[name](pretrained=pretrained, checkpoint_dir=checkpoint_dir)
-    if attention not in ("sdpa", "stock"):
-        raise ConfigError(f"model.attention={attention!r}: choose 'sdpa' (default) or 'stock'.")
-    net.use_stock_mask_head(attention == "stock")  # stock: segment_anything's own decoder code throughout
-    if attention == "sdpa" or gradient_checkpointing:
-        if attention == "sdpa":
-            attn.use_sdpa_attention(net.image_encoder)
-            attn.use_sdpa_decoder_attention(net.mask_decoder)
-        if gradient_checkpointing:
-            if attn.enable_gradient_checkpointing(net.image_encoder) == 0:
-                raise ConfigError(f"model.gradient_checkpointing=true: {name} has no ViT blocks to checkpoint.")
+    unknown = sorted(set(options) - set(_OPTIONS[name]))
+    if unknown:
+        takes = ", ".join(_OPTIONS[name]) or "none beyond pretrained, checkpoint_dir, attention, " \
+            "gradient_checkpointing, compile"
+        raise ConfigError(f"model={name}: unknown setting(s) {', '.join(unknown)}; its own settings: {takes}.")
     if compile not in (True, False):
         raise ConfigError(f"model.compile={compile!r}: choose true or false.")
+    net = _BUILDERS[name](pretrained=pretrained, checkpoint_dir=checkpoint_dir, **options)
+    if takes_prompts(net):
+        _sam_paths(net, name, attention, gradient_checkpointing)
+    elif gradient_checkpointing:
+        raise ConfigError(f"model.gradient_checkpointing=true: {name} has no ViT blocks to checkpoint.")
+    if lora is not None:
+        if not takes_prompts(net):
+            raise ConfigError(f"strategy=lora adapts a SAM image encoder; model={name} is a prompt-free baseline "
+                              "that trains whole: use strategy=enc_dec.")
+        apply_lora(net, lora, name)
     if compile:
         net.image_encoder.compile()
     return net
+
+
+def _sam_paths(net: PromptableSAM, name: str, attention: str, gradient_checkpointing: bool) -> None:
+    """SDPA or stock attention and mask head, and gradient checkpointing of the ViT blocks."""
+    if attention not in ("sdpa", "stock"):
+        raise ConfigError(f"model.attention={attention!r}: choose 'sdpa' (default) or 'stock'.")
+    net.use_stock_mask_head(attention == "stock")  # stock: segment_anything's own decoder code throughout
+    if attention == "sdpa":
+        attn.use_sdpa_attention(net.image_encoder)
+        attn.use_sdpa_decoder_attention(net.mask_decoder)
+    if gradient_checkpointing and attn.enable_gradient_checkpointing(net.image_encoder) == 0:
+        raise ConfigError(f"model.gradient_checkpointing=true: {name} has no ViT blocks to checkpoint.")
 
 
 def _parts(sam) -> tuple[nn.Module, nn.Module, nn.Module]:
@@ -170,3 +200,10 @@ def _tiny_parts() -> PromptableSAM:
     decoder = MaskDecoder(num_multimask_outputs=3, transformer_dim=32, iou_head_depth=2, iou_head_hidden_dim=32,
                           transformer=TwoWayTransformer(depth=2, embedding_dim=32, mlp_dim=64, num_heads=2))
     return PromptableSAM(encoder, prompt, decoder, _SPECS["tiny"])
+
+
+# -- prompt-free baselines (segmentation-models-pytorch) ----------------------------------------------
+for _name, _arch, _desc in (("unet", "unet", "U-Net"), ("unetplusplus", "unetplusplus", "U-Net++"),
+                            ("smp", None, "any segmentation-models-pytorch architecture (model.arch)")):
+    register_model(default_spec(_name, f"{_desc} (segmentation-models-pytorch), prompt-free"),
+                   options=SMP_OPTIONS + (() if _arch else ("arch",)))(partial(build_smp, _name, arch=_arch))
