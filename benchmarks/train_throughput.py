@@ -59,6 +59,7 @@ from polypsam.data.batch import Batch
 from polypsam.models import attention as attn
 from polypsam.models import build_model
 from polypsam.models.freeze import STRATEGIES, freeze_strategy
+from polypsam.models.lora import apply_lora
 from polypsam.models.sam import ModelSpec, PromptableSAM
 from polypsam.module import PolypSAMModule
 from polypsam.prompts import PromptBatch
@@ -76,7 +77,7 @@ GPU_PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("GH2
 @dataclass(frozen=True)
 class Case:
     model: str  # registry name, or "<vit>@<px>": that ViT at a reduced input size (CPU runs)
-    strategy: str = "enc_dec"  # enc_dec | dec
+    strategy: str = "enc_dec"  # enc_dec | dec | lora (peft adapters on the encoder, benchmarks/strategies.py)
     cache: bool = False  # dec: embeddings come from the cache, the step is decoder-only
     attention: str = "sdpa"  # stock (segment_anything's attention and mask head) | sdpa (ours)
     ckpt: bool = False  # gradient checkpointing of the ViT blocks
@@ -88,7 +89,7 @@ class Case:
         if self.strategy == "dec":
             parts = ["dec", "cached emb" if self.cache else "recompute enc"]
         else:
-            parts = ["enc_dec"]
+            parts = [self.strategy]
         parts.append(self.attention)
         if self.ckpt:
             parts.append("ckpt")
@@ -184,11 +185,13 @@ def build(case: Case) -> PromptableSAM:
         net.use_stock_mask_head(case.attention == "stock")  # as build_model does
         if case.ckpt:
             attn.enable_gradient_checkpointing(net.image_encoder)
+        if case.strategy == "lora":
+            apply_lora(net, {}, case.model)
         if case.compile:
             net.image_encoder.compile()
     else:
-        net = build_model(case.base, pretrained=False, attention=case.attention,
-                          gradient_checkpointing=case.ckpt, compile=case.compile)
+        net = build_model(case.base, pretrained=False, attention=case.attention, gradient_checkpointing=case.ckpt,
+                          compile=case.compile, lora={} if case.strategy == "lora" else None)
     return net
 
 
