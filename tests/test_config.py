@@ -9,6 +9,7 @@ from omegaconf import OmegaConf, open_dict
 
 from polypsam.config import CONF_DIR, derive_accumulation
 from polypsam.devices import device_count, resolve_precision
+from polypsam.models import available_models
 
 EXPERIMENTS = sorted(p.stem for p in (Path(CONF_DIR) / "experiment").glob("*.yaml"))
 
@@ -31,7 +32,7 @@ def test_paper_experiments_exist():
 def test_every_experiment_composes_and_resolves(name):
     cfg = _compose([f"+experiment={name}"])
     c = OmegaConf.to_container(cfg, resolve=True)
-    assert c["model"]["name"] in ("vit_b", "vit_l", "vit_h", "lite", "tiny")
+    assert c["model"]["name"] in available_models()
     assert c["data"]["batch_size"] == c["scratch"]["batch_size"]
     assert c["optimizer"]["lr"] == c["scratch"]["lr"]
 
