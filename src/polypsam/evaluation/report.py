@@ -54,9 +54,11 @@ def _table2_sections(result: EvalResult, compat_row_dice: bool) -> list[str]:
     """Like with like: prompt-free rows beside the published prompt-free methods, oracle-box rows beside
     Polyp-SAM's; a box- or click-prompted evaluation keeps the one table with every quoted row."""
     meta, label = result.meta, result.meta["label"]
-    main = our_table2_rows(result.summary, f"{label}, {meta['prompt']['label']}", compat_row_dice)
-    if not result.companions and meta["prompt"]["type"] != "none":
-        return ["## Table 2 layout (DSC / mIoU)", "", rep.table2_markdown(main), ""]
+    prompt = meta["prompt"].get("label", meta["prompt"].get("type", "box"))
+    if not result.companions and meta["prompt"].get("type") != "none":
+        return ["## Table 2 layout (DSC / mIoU)", "",
+                rep.table2_markdown(our_table2_rows(result.summary, label, compat_row_dice)), ""]
+    main = our_table2_rows(result.summary, f"{label}, {prompt}", compat_row_dice)
     free = main + [row for name in ("none",) if name in result.companion_summaries
                    for row in our_table2_rows(result.companion_summaries[name], f"{label}, no prompt")]
     parts = ["## Table 2 layout, prompt-free (DSC / mIoU)", "",
@@ -90,7 +92,7 @@ def summary_markdown(result: EvalResult, compat_row_dice: bool = False) -> str:
         parts += ["Compatibility mode: per-row Dice minus per-image Dice: " + ", ".join(gap) + ".", ""]
     parts += ["## All metrics (mean over images; 95% percentile-bootstrap interval for Dice and IoU)", ""]
     if result.companion_summaries:
-        parts += [f"### {meta['prompt']['label']}", ""]
+        parts += [f"### {meta['prompt'].get('label', 'auto')}", ""]
     parts += [rep.metrics_markdown(summary, keys), ""]
     for name, comp in result.companion_summaries.items():
         parts += [f"### {meta['companions'][name]}", "", rep.metrics_markdown(comp, keys), ""]
@@ -105,7 +107,7 @@ def summary_markdown(result: EvalResult, compat_row_dice: bool = False) -> str:
                   (f"Each box side moves by U(-f, f) x the box side (seed {meta['prompt']['seed']}); "
                    f"base prompt: {base}."), "", rep.robustness_markdown(result.robustness), ""]
         if result.companions:
-            parts += [f"`{meta['prompt']['label']}` needs no box: " + ", ".join(
+            parts += [f"`{meta['prompt'].get('label', 'auto')}` needs no box: " + ", ".join(
                 f"{rep.SHORT_NAMES.get(s, s)} {v:.3f}" for s, v in _references(result)["auto"].items())
                 + ". A human box noisier than where its curve crosses these values loses to it.", ""]
     bad = result.per_image[result.per_image["status"] == "unreadable"]

@@ -20,7 +20,9 @@ from polypsam.evaluation.runner import EvalResult, run_evaluation
 from polypsam.evaluation.settings import EvalSettings, settings_from_cfg
 from polypsam.models import available_models
 from polypsam.models.sam import PromptableSAM
+from polypsam.models.registry import takes_prompts
 from polypsam.prompts import PromptType, build_prompt
+from polypsam.prompts.none import NonePrompt
 from polypsam.provenance import record as record_provenance
 
 log = logging.getLogger("polypsam.evaluate")
@@ -126,6 +128,10 @@ def evaluate(cfg) -> EvalResult:
     else:
         raise ConfigError("nothing to evaluate: give ckpt_path=<run>/checkpoints/best.ckpt, or model=<name> "
                           f"for a zero-shot baseline (registered models: {', '.join(available_models())}).")
+    if not takes_prompts(net) and settings.prompt.needs_mask:
+        log.warning("model=%s is a prompt-free baseline: prompt=%s does not apply, it is evaluated with "
+                    "prompt=none", net.spec.name, settings.prompt.name)
+        settings.prompt = NonePrompt()
     proposer, first_meta = None, meta if ckpt else None
     if settings.prompt.from_model and settings.prompt.proposer:
         proposer, first_meta = load_model(settings.prompt.proposer)
