@@ -19,8 +19,8 @@ from polypsam.evaluation.report import console_summary, log_wandb, write_outputs
 from polypsam.evaluation.runner import EvalResult, run_evaluation
 from polypsam.evaluation.settings import EvalSettings, settings_from_cfg
 from polypsam.models import available_models
-from polypsam.models.sam import PromptableSAM
 from polypsam.models.registry import takes_prompts
+from polypsam.models.sam import PromptableSAM
 from polypsam.prompts import PromptType, build_prompt
 from polypsam.prompts.none import NonePrompt
 from polypsam.provenance import record as record_provenance
