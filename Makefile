@@ -15,11 +15,11 @@ install: ## install polypsam (editable) with test tools
 demo: ## the embedded default: LiteMedSAM on synthetic data, a few minutes on a CPU
 	$(PYTHON) -m polypsam.train +experiment=demo
 
-test: ## the full test suite (real Lightning, Hydra, DDP on gloo, real images)
-	$(PYTHON) -m pytest -q
+test: ## the full test suite (real Lightning, Hydra, DDP on gloo, real images), one worker per core
+	$(PYTHON) -m pytest -q -n 2 --dist loadfile
 
 test-fast: ## skip the slow real-data and multi-process tests
-	$(PYTHON) -m pytest -q -m "not slow"
+	$(PYTHON) -m pytest -q -n 2 --dist loadfile -m "not slow"
 
 lint: ## ruff
 	$(PYTHON) -m ruff check src tests benchmarks
