@@ -12,6 +12,7 @@ import dataclasses
 import multiprocessing as mp
 
 import albumentations as A
+import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -232,3 +233,24 @@ def test_resident_flag_reaches_the_cache(tmp_path):
     assert embedding_cache_from_cfg(cfg, net).resident
     cfg.data.embedding_cache.resident = False
     assert not embedding_cache_from_cfg(cfg, net).resident
+
+
+def test_evaluation_reads_the_embeddings_training_cached(tmp_path):
+    """Evaluation encodes each test image once per encoder: the second evaluation reads every embedding from
+    the cache, and its scores equal those of encoding (fp16 storage, as training and validation read it)."""
+    from test_evaluate import make_root
+
+    from polypsam.evaluation import EvalSettings, evaluate_model
+    from polypsam.models import build_model
+
+    root = make_root(tmp_path / "root")
+    net = build_model("tiny", pretrained=False).eval()
+    plain = evaluate_model(net, root, tmp_path / "a", EvalSettings(noise=(), figures=False, device="cpu"),
+                           verbose=False)
+    cached = EvalSettings(noise=(), figures=False, device="cpu", embedding_dir=str(tmp_path / "cache"))
+    first = evaluate_model(net, root, tmp_path / "b", cached, verbose=False)
+    second = evaluate_model(net, root, tmp_path / "c", cached, verbose=False)
+    readable = int((plain.per_image["status"] == "ok").sum())
+    assert f"(0 read, {readable} written" in first.meta["embeddings"]
+    assert f"({readable} read, 0 written" in second.meta["embeddings"] and plain.meta["embeddings"] == "encoded"
+    np.testing.assert_allclose(second.per_image["dice"], plain.per_image["dice"], atol=2e-3)

@@ -23,12 +23,14 @@ from polypsam import __version__
 from polypsam.data.datamodule import PolypDataModule
 from polypsam.data.dataset import Record
 from polypsam.data.demo import generate_demo_dataset
+from polypsam.data.embedding_cache import EmbeddingCache, file_digest
 from polypsam.data.io import image_size as header_size
 from polypsam.data.io import size_mismatch
 from polypsam.errors import DataError
 from polypsam.evaluation.settings import FAILURE_SCORES, METRICS, EvalSettings
 from polypsam.inference import AutoPredictor, ImageItems, Prediction, Predictor, as_list
 from polypsam.metrics import dice_iou, score_image, summarize
+from polypsam.models.registry import takes_prompts
 from polypsam.models.sam import PromptableSAM
 from polypsam.prompts import PromptSet, PromptType, prompt_config, seeded_rng
 
@@ -143,14 +145,31 @@ def _detection(pred: Prediction, mask: np.ndarray) -> dict:
             "proposal_scores": ";".join(f"{v:.3f}" for v in scores)}
 
 
+def _embeddings(predictor: Predictor, cache: EmbeddingCache | None, ok: list[dict], recs: list[Record]
+                ) -> torch.Tensor:
+    """Embeddings from the cache where this encoder already made them; the rest encoded (and stored)."""
+    canvases, resizes = torch.stack([it["canvas"] for it in ok]), [it["resize"] for it in ok]
+    if cache is None:
+        return predictor.encode(canvases, resizes)
+    keys = [file_digest(recs[it["index"]].image) for it in ok]
+    found = [cache.load(k) for k in keys]
+    todo = [j for j, e in enumerate(found) if e is None]
+    if todo:
+        new = predictor.encode(canvases[todo], [resizes[j] for j in todo])
+        for j, e in zip(todo, new):
+            cache.save(keys[j], e)
+            found[j] = e.to("cpu", torch.float16)
+    return torch.stack(found).to(predictor.device, torch.float32)
+
+
 def _evaluate_batch(predictor: Predictor, auto: AutoPredictor | None, ok: list[dict], recs: list[Record],
-                    set_name: str, settings: EvalSettings, out: Path, preds: dict
-                    ) -> tuple[list[dict], dict[str, list[dict]]]:
+                    set_name: str, settings: EvalSettings, out: Path, preds: dict,
+                    cache: EmbeddingCache | None = None) -> tuple[list[dict], dict[str, list[dict]]]:
     """Encode the batch once; decode the main prompt, its companions and every sweep point; score."""
     prompt = settings.prompt
     resizes = [it["resize"] for it in ok]
     keys = [f"{set_name}/{recs[it['index']].name}" for it in ok]
-    emb = predictor.encode(torch.stack([it["canvas"] for it in ok]), resizes)
+    emb = _embeddings(predictor, cache, ok, recs)
     main, companions = _decode(predictor, auto, emb, ok, keys, prompt)
     sweep: dict[float, list[float]] = {}
     swept = settings.sweep_prompt
@@ -232,6 +251,9 @@ def run_evaluation(net: PromptableSAM, root: str | Path, out_dir: str | Path, se
     t_start = time.perf_counter()
     predictor = Predictor(net, settings.device)
     auto = AutoPredictor(predictor, settings.prompt, proposer) if settings.prompt.from_model else None
+    cache = None  # only SAM-family encoders make cacheable embeddings (keyed by the encoder's weights)
+    if settings.embedding_dir and takes_prompts(net):
+        cache = EmbeddingCache(settings.embedding_dir, net.encoder_fingerprint())
     record_sets = collect_records(root, test_sets, limit_test, split_seed, generate_demo)
     unreadable_known = {}
     for recs in record_sets.values():
@@ -262,7 +284,8 @@ def run_evaluation(net: PromptableSAM, root: str | Path, out_dir: str | Path, se
                     ok.append(it)
             if ok:
                 t0 = time.perf_counter()
-                batch_rows, batch_extra = _evaluate_batch(predictor, auto, ok, recs, set_name, settings, out, preds)
+                batch_rows, batch_extra = _evaluate_batch(predictor, auto, ok, recs, set_name, settings, out, preds,
+                                                          cache)
                 rows += batch_rows
                 for name, r in batch_extra.items():
                     extra[name] += r
@@ -282,7 +305,8 @@ def run_evaluation(net: PromptableSAM, root: str | Path, out_dir: str | Path, se
     meta = {**identity, "label": label(identity), "polypsam_version": __version__, "data_root": str(root),
             "prompt": {**prompt_config(p), "label": p.label(), "description": p.describe()},
             "companions": {name: COMPANIONS[name] for name in companions}, "robustness_noise": noise_levels,
-            "compat_row_dice": settings.compat_row_dice, "threshold": settings.threshold,
+            "embeddings": f"embedding cache {cache.dir} ({cache.hits} read, {cache.writes} written; fp16)" if cache
+            else "encoded", "compat_row_dice": settings.compat_row_dice, "threshold": settings.threshold,
             "limit_test": limit_test, "split_seed": split_seed, "device": str(predictor.device),
             "test_sets": {n: len(r) for n, r in record_sets.items()}, "n_images": len(per_image),
             "n_unreadable": int((per_image["status"] == "unreadable").sum()),

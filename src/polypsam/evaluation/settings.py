@@ -34,6 +34,9 @@ class EvalSettings:
     threshold: float = 0.5
     device: str = "auto"
     bootstrap_seed: int = 0
+    # a folder of embedding caches (``data.embedding_cache.dir``): images this network's frozen encoder has
+    # seen are not encoded again (fp16, as training and validation read them); None: always encode
+    embedding_dir: str | None = None
 
     @property
     def sweep_prompt(self) -> PromptType | None:
@@ -61,10 +64,12 @@ def settings_from_cfg(cfg, num_workers: int | None = None, prompt: PromptType | 
     noise = rob.get("noise")
     if prompt is None:
         prompt = build_prompt(_plain(cfg.get("prompt")) or None)
+    cache = _plain((cfg.get("data") or {}).get("embedding_cache"))
+    embedding_dir = cache.get("dir") if cache.get("enabled", "auto") not in (False, "false") else None
     return EvalSettings(
         prompt=prompt,
         noise=EvalSettings.noise if noise is None else tuple(float(n) for n in noise),
         compat_row_dice=bool(cfg.get("compat_row_dice", False)), save_masks=bool(cfg.get("save_masks", True)),
         figures=bool(cfg.get("figures", True)), batch_size=int(cfg.get("batch_size", 4)),
         num_workers=int(num_workers), threshold=float(cfg.get("threshold", 0.5)),
-        device=str(cfg.get("device", "auto")))
+        device=str(cfg.get("device", "auto")), embedding_dir=embedding_dir)

@@ -163,6 +163,9 @@ def evaluate_after_training(cfg, best_checkpoint: str | Path, out_dir: str | Pat
     settings = settings_from_cfg(ecfg, num_workers=cfg.data.get("num_workers", 0), prompt=prompt)
     if trainer is not None and not ecfg.get("device"):
         settings.device = str(trainer.strategy.root_device)
+    cache = cfg.data.get("embedding_cache") or {}
+    if settings.embedding_dir is None and cache.get("enabled", "auto") not in (False, "false"):
+        settings.embedding_dir = cache.get("dir")  # the training run's cache: test images may be in it
     net, meta = load_model(best_checkpoint)
     run = next((lg.experiment for lg in (trainer.loggers if trainer is not None else [])
                 if isinstance(lg, WandbLogger)), None)
