@@ -24,10 +24,12 @@ from polypsam.data.dataset import PolypDataset, Record
 from polypsam.data.embedding_cache import EmbeddingCache, file_digest
 from polypsam.data.files import find_pairs
 from polypsam.errors import ConfigError, DataError
+from polypsam.evaluation import EvalSettings, evaluate_model
 from polypsam.models import build_model
 from polypsam.models.freeze import STRATEGIES, freeze_strategy
 from polypsam.module import PolypSAMModule
 from polypsam.prompts.box import BoxPrompt
+from test_evaluate import make_root
 
 
 def _records(real_root, n):
@@ -238,11 +240,6 @@ def test_resident_flag_reaches_the_cache(tmp_path):
 def test_evaluation_reads_the_embeddings_training_cached(tmp_path):
     """Evaluation encodes each test image once per encoder: the second evaluation reads every embedding from
     the cache, and its scores equal those of encoding (fp16 storage, as training and validation read it)."""
-    from test_evaluate import make_root
-
-    from polypsam.evaluation import EvalSettings, evaluate_model
-    from polypsam.models import build_model
-
     root = make_root(tmp_path / "root")
     net = build_model("tiny", pretrained=False).eval()
     plain = evaluate_model(net, root, tmp_path / "a", EvalSettings(noise=(), figures=False, device="cpu"),
