@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from polypsam.errors import ConfigError
-from polypsam.models.sam import ModelSpec, PromptableSAM
+from polypsam.models.sam import ModelSpec, normalize_canvas
 
 IMAGENET_MEAN = (123.675, 116.28, 103.53)  # on the 0-255 scale, as ModelSpec keeps them
 IMAGENET_STD = (58.395, 57.12, 57.375)
@@ -42,8 +42,9 @@ class SmpSegmenter(nn.Module):
         self.register_buffer("pixel_mean", torch.tensor(spec.pixel_mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(spec.pixel_std).view(1, 3, 1, 1), persistent=False)
 
-    # SAM's on-device normalisation with this model's spec: uint8 canvas -> floats with a zero pad
-    normalize = PromptableSAM.normalize
+    def normalize(self, images: torch.Tensor, input_hw: torch.Tensor) -> torch.Tensor:
+        """SAM's on-device normalisation with this model's spec: uint8 canvas -> floats with a zero pad."""
+        return normalize_canvas(images, input_hw, self.spec.normalization, self.pixel_mean, self.pixel_std)
 
     def encode(self, images: torch.Tensor, input_hw: torch.Tensor) -> list[torch.Tensor]:
         """The encoder's feature pyramid: what the decoder needs, the baseline's "embedding"."""

@@ -64,24 +64,7 @@ class PromptableSAM(nn.Module):
 
     # -- preprocessing on the device ---------------------------------------------------------------
     def normalize(self, images: torch.Tensor, input_hw: torch.Tensor) -> torch.Tensor:
-        """uint8 (B,3,S,S) resized+padded images -> normalised floats with a zero pad, as SAM does.
-
-        SAM normalises the resized image and then pads with zeros; padding with 0 first and
-        normalising after would turn the pad into -mean/std. We zero the pad after normalising.
-        """
-        x = images.float()
-        b, _, s, _ = x.shape
-        ys = torch.arange(s, device=x.device).view(1, s, 1)
-        xs = torch.arange(s, device=x.device).view(1, 1, s)
-        valid = ((ys < input_hw[:, 0].view(b, 1, 1)) & (xs < input_hw[:, 1].view(b, 1, 1))).unsqueeze(1)
-        if self.spec.normalization == "minmax":
-            big = torch.finfo(x.dtype).max
-            lo = torch.where(valid, x, big).amin(dim=(1, 2, 3), keepdim=True)
-            hi = torch.where(valid, x, -big).amax(dim=(1, 2, 3), keepdim=True)
-            x = (x - lo) / (hi - lo).clamp_min(1e-8)
-        else:
-            x = (x - self.pixel_mean) / self.pixel_std
-        return x * valid
+        return normalize_canvas(images, input_hw, self.spec.normalization, self.pixel_mean, self.pixel_std)
 
     # -- the three stages -------------------------------------------------------------------------
     def encode(self, images: torch.Tensor, input_hw: torch.Tensor) -> torch.Tensor:
@@ -177,6 +160,29 @@ class PromptableSAM(nn.Module):
             h.update(name.encode())
             h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
         return h.hexdigest()[:24]
+
+
+def normalize_canvas(images: torch.Tensor, input_hw: torch.Tensor, normalization: str, mean: torch.Tensor,
+                     std: torch.Tensor) -> torch.Tensor:
+    """uint8 (B,3,S,S) resized+padded images -> normalised floats with a zero pad, as SAM does.
+
+    SAM normalises the resized image and then pads with zeros; padding with 0 first and normalising after
+    would turn the pad into -mean/std. We zero the pad after normalising. ``normalization``: ``mean_std``
+    with (1,3,1,1) ``mean``/``std`` on the 0-255 scale, or ``minmax`` (per image, LiteMedSAM).
+    """
+    x = images.float()
+    b, _, s, _ = x.shape
+    ys = torch.arange(s, device=x.device).view(1, s, 1)
+    xs = torch.arange(s, device=x.device).view(1, 1, s)
+    valid = ((ys < input_hw[:, 0].view(b, 1, 1)) & (xs < input_hw[:, 1].view(b, 1, 1))).unsqueeze(1)
+    if normalization == "minmax":
+        big = torch.finfo(x.dtype).max
+        lo = torch.where(valid, x, big).amin(dim=(1, 2, 3), keepdim=True)
+        hi = torch.where(valid, x, -big).amax(dim=(1, 2, 3), keepdim=True)
+        x = (x - lo) / (hi - lo).clamp_min(1e-8)
+    else:
+        x = (x - mean) / std
+    return x * valid
 
 
 def merge_prompt_logits(logits: torch.Tensor, prompt_image_index: torch.Tensor, num_images: int) -> torch.Tensor:
