@@ -16,6 +16,9 @@ import pandas as pd
 from polypsam import reporting as rep
 
 
+NEGLIGIBLE = 0.005  # a mean Dice difference under this is read as none, whatever its interval
+
+
 @dataclass
 class RowResult:
     name: str
@@ -53,6 +56,7 @@ def paired_markdown(comparisons: list[tuple[str, str, str, pd.DataFrame]], sprea
             covers = r["ci_low"] <= 0 <= r["ci_high"]
             verdict = ("noise (smaller than the seed spread)" if noise else
                        "not distinguishable (interval covers 0)" if covers else
+                       f"no practical difference (under {NEGLIGIBLE})" if abs(r["diff"]) < NEGLIGIBLE else
                        f"{a if r['diff'] > 0 else b} higher")
             p = "–" if r["wilcoxon_p"] is None else f"{r['wilcoxon_p']:.2g}"
             body.append([question, rep.SHORT_NAMES.get(r["dataset"], r["dataset"]), str(r["n_images"]),
