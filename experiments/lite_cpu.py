@@ -103,7 +103,8 @@ def copy_records(row: Row, runs: Path) -> Path | None:
     for f in src.iterdir():
         if f.suffix in (".csv", ".json", ".md", ".yaml"):
             shutil.copy(f, ev / f.name)
-    for f in sorted((src / "figures").glob("*.png")) + sorted(src.glob("robustness.png")):
+    # the best/median/worst figures show real frames: they stay in the run folder, never in the repository
+    for f in sorted(src.glob("robustness.png")):
         (ev / "figures").mkdir(exist_ok=True)
         im = Image.open(f).convert("RGB")
         im.thumbnail((1100, 1100))
@@ -173,7 +174,8 @@ def write_report(done: list[tuple[Row, Path]]) -> None:
         parts += ["## No box: what stage 1 proposed", "", detection_markdown(results["dec_auto"].detection), ""]
     parts += ["## Figures", "", "- [prompt robustness, every row](figures/robustness.png)",
               "- [validation Dice per epoch, every trained row](figures/validation_curves.png)",
-              "- best, median and worst image per row and set: `rows/<row>/<eval>/figures/<set>.jpg`", "", text]
+              "- best, median and worst image per row and set: `<run>/<eval>/figures/<set>.png` in each run "
+              "folder (they show the real frames, which stay out of the repository)", "", text]
     (OUT / "README.md").write_text("\n".join(parts))
     print(f"[lite_cpu] wrote {OUT / 'README.md'} ({len(results)} rows)")
 
