@@ -12,19 +12,16 @@ from PIL import Image
 
 from polypsam.config import CONF_DIR, prompt_from_cfg
 from polypsam.data.io import read_mask
-from polypsam.data.transforms import Resize
 from polypsam.errors import ConfigError
 from polypsam.evaluation import EvalSettings, evaluate_model
 from polypsam.evaluation.tasks import untrained_prompt_warning
 from polypsam.inference import AutoPredictor, Predictor
 from polypsam.metrics import dice_iou
 from polypsam.models import build_model
-from polypsam.models.freeze import freeze_strategy
 from polypsam.prediction import plan_jobs, run_prediction
-from polypsam.prompts import PromptSet, build_prompt, collate_prompts, seeded_rng
+from polypsam.prompts import PromptSet, build_prompt, collate_prompts
 from polypsam.prompts.auto import AutoPrompt
 from polypsam.prompts.box import BoxPrompt
-from polypsam.prompts.mixed import MixedPrompt
 from polypsam.prompts.none import NonePrompt
 from test_evaluate import make_root
 from test_prompts import ellipse
@@ -143,31 +140,6 @@ def test_empty_prompt_decodes_as_stock_sam_and_a_mixed_batch_as_its_parts():
     torch.testing.assert_close(mixed[:1], mine[:1])
     torch.testing.assert_close(mixed[1:], boxed)
     torch.testing.assert_close(iou[1:], iou_b)
-
-
-@pytest.mark.parametrize("prompt", [NonePrompt(), MixedPrompt()], ids=["none", "mixed"])
-def test_frozen_parts_are_exactly_those_prompt_free_training_never_reaches(prompt):
-    net = build_model("tiny", pretrained=False)
-    masks = [ellipse(64, 64, 30, 30, 12, 16), ellipse(64, 64, 20, 40, 8, 8)]
-    rz = Resize((64, 64), (64, 64), 64)
-    options = [p for p, _ in prompt.choices] if isinstance(prompt, MixedPrompt) else [prompt, prompt]
-    batch = collate_prompts([p.make(m, seeded_rng(0, str(i))).to_input(rz)
-                             for i, (p, m) in enumerate(zip(options, masks))])
-    images = torch.randint(0, 255, (2, 3, 64, 64), dtype=torch.uint8)
-
-    def grads(model):
-        model.zero_grad()
-        logits, _ = model(images, torch.tensor([[64, 64]] * 2), batch.boxes, batch.image_index,
-                          prompt_free=batch.prompt_free)
-        logits.sum().backward()
-        return {n: p.grad is not None and bool(p.grad.abs().sum() > 0) for n, p in model.named_parameters()
-                if p.requires_grad}
-
-    reached = grads(net)
-    frozen = freeze_strategy(net, [], prompt.unused_parameters)
-    for name in frozen:
-        assert not any(reached[n] for n in reached if n.startswith(name + ".")), name
-    assert all(grads(net).values())
 
 
 # ------------------------------------------------------------------------------- evaluation and prediction

@@ -11,6 +11,8 @@ from polypsam.models import build_model
 from polypsam.models.freeze import freeze_strategy
 from polypsam.prompts import PromptSet, available_prompts, build_prompt, collate_prompts, seeded_rng
 from polypsam.prompts.box import BoxPrompt
+from polypsam.prompts.mixed import MixedPrompt
+from polypsam.prompts.none import NonePrompt
 from polypsam.prompts.point import PointPrompt, farthest_interior_point
 
 
@@ -94,20 +96,24 @@ def test_registry_names_the_types_and_the_settings():
 
 
 @pytest.mark.parametrize("prompt", [BoxPrompt(), BoxPrompt(mode="per_component"), PointPrompt(),
-                                    PointPrompt(num_positive=2, num_negative=1)], ids=str)
+                                    PointPrompt(num_positive=2, num_negative=1), NonePrompt(), MixedPrompt()],
+                         ids=str)
 def test_frozen_parts_are_exactly_those_the_prompt_never_reaches(prompt):
     """Every parameter the prompt type leaves trainable gets a gradient from a mask loss, and every part it
-    freezes would have got none: DDP then needs no find_unused_parameters, and nothing useful is frozen."""
+    freezes would have got none: DDP then needs no find_unused_parameters, and nothing useful is frozen.
+    A mixed prompt's batch holds one sample of each option (the decoder then runs both kinds)."""
     net = build_model("tiny", pretrained=False)
     masks = [ellipse(64, 64, 30, 30, 12, 16), ellipse(64, 64, 20, 40, 8, 8) | ellipse(64, 64, 50, 15, 6, 6)]
     rz = Resize((64, 64), (64, 64), 64)
-    batch = collate_prompts([prompt.make(m, seeded_rng(0, str(i))).to_input(rz) for i, m in enumerate(masks)])
+    makers = [p for p, _ in prompt.choices] if isinstance(prompt, MixedPrompt) else [prompt] * len(masks)
+    batch = collate_prompts([p.make(m, seeded_rng(0, str(i))).to_input(rz)
+                             for i, (p, m) in enumerate(zip(makers, masks))])
     images = torch.randint(0, 255, (2, 3, 64, 64), dtype=torch.uint8)
 
     def grads(model):
         model.zero_grad()
         logits, _ = model(images, torch.tensor([[64, 64]] * 2), batch.boxes, batch.image_index,
-                          points=batch.point_pairs)
+                          points=batch.point_pairs, prompt_free=batch.prompt_free)
         logits.sum().backward()
         return {n: p.grad is not None and bool(p.grad.abs().sum() > 0) for n, p in model.named_parameters()
                 if p.requires_grad}

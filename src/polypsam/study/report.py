@@ -15,7 +15,6 @@ import pandas as pd
 
 from polypsam import reporting as rep
 
-
 NEGLIGIBLE = 0.005  # a mean Dice difference under this is read as none, whatever its interval
 
 
