@@ -45,6 +45,15 @@ def small_root(real_root, tmp_path) -> Path:
     return root
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread, and a busy neighbour cannot stall OpenMP's barriers."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def pytest_collection_modifyitems(config, items):
     """Every test on the real images (``real_root``, directly or through ``small_root``) is ``slow``:
     ``make test-fast`` runs the rest in under two minutes."""

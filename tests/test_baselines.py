@@ -27,13 +27,7 @@ RUN = ["+experiment=tiny", "model=unet", "model.encoder_name=tu-test_resnet", "m
        "callbacks.rich_progress_bar=null", "callbacks.val_overlays=null"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and a busy neighbour cannot stall OpenMP's barriers."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _build(name: str, **extra) -> SmpSegmenter:

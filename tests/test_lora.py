@@ -33,13 +33,7 @@ RUN = ["+experiment=tiny", "strategy=lora", "data.limit_train=8", "data.limit_va
        "test_after_training=false", "strategy.lora.rank=4", "strategy.lora.alpha=8"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and a busy neighbour cannot stall OpenMP's barriers."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _cfg(tmp, out, *extra):
