@@ -4,9 +4,11 @@
     python experiments/lite_cpu.py --report-only       # the report from the rows finished so far
     python experiments/lite_cpu.py --rows dec_box_s43 dec_box_s44 --runs /scratch/lite_cpu
 
-A finished row (its evaluation holds summary.csv) is skipped; a run with a last.ckpt resumes
-(``resume=<run>``); the others start fresh from conf/sweep/lite_cpu_jobs/. Stop it at any time (Ctrl-C,
-SIGTERM, the end of a session): the next call continues where it stopped.
+A finished row is skipped: its evaluation in the runs folder holds summary.csv, or its records are
+already in experiments/results/lite_cpu/rows/ (``--rerun`` runs such rows again). A run with a last.ckpt
+resumes (``resume=<run>``); the others start fresh from conf/sweep/lite_cpu_jobs/. Stop it at any time
+(Ctrl-C, SIGTERM, the end of a session): the next call continues where it stopped. The report is built
+from the records, so rows run in other sessions (their run folders elsewhere) stay in it.
 """
 
 from __future__ import annotations
@@ -77,8 +79,16 @@ def _call(module: str, *args: str) -> None:
     subprocess.run([sys.executable, "-m", module, *args], check=True, cwd=REPO)
 
 
-def run_row(row: Row, runs: Path) -> None:
+def record_dir(row: Row) -> Path:
+    """The row's records in the repository (what the report reads)."""
+    return OUT / "rows" / row.name / (row.eval_dir if row.job else "")
+
+
+def run_row(row: Row, runs: Path, rerun: bool = False) -> None:
     """Train (fresh or resumed) and evaluate one row, skipping what is done."""
+    if not rerun and (record_dir(row) / "summary.csv").is_file() and not (eval_dir(row, runs)).exists():
+        print(f"[lite_cpu] {row.name}: finished (records in {record_dir(row)}); skipped")
+        return
     run = run_dir(row, runs)
     if row.job and not (run / "eval" / "summary.csv").is_file():
         if (run / "checkpoints" / "last.ckpt").is_file():
@@ -92,10 +102,11 @@ def run_row(row: Row, runs: Path) -> None:
 
 
 def copy_records(row: Row, runs: Path) -> Path | None:
-    """The row's small records beside the report (no checkpoint: its sha256 is in meta.json)."""
+    """The row's small records beside the report (no checkpoint: its sha256 is in meta.json); the records
+    already there when the run folder is not in ``runs``; None when the row has not finished."""
     src, dst = eval_dir(row, runs), OUT / "rows" / row.name
     if not (src / "summary.csv").is_file():
-        return None
+        return record_dir(row) if (record_dir(row) / "summary.csv").is_file() else None
     if dst.exists():
         shutil.rmtree(dst)
     ev = dst / row.eval_dir if row.job else dst
@@ -185,12 +196,13 @@ def main(argv=None) -> int:
     ap.add_argument("--runs", default=str(REPO / "outputs" / "lite_cpu"), help="where the runs live")
     ap.add_argument("--rows", nargs="*", help="only these rows (default: all)")
     ap.add_argument("--report-only", action="store_true", help="write the report from the finished rows")
+    ap.add_argument("--rerun", action="store_true", help="run rows again even when their records are in the repository")
     args = ap.parse_args(argv)
     runs = Path(args.runs).resolve()
     chosen = [r for r in ROWS if not args.rows or r.name in args.rows]
     if not args.report_only:
         for row in chosen:
-            run_row(row, runs)
+            run_row(row, runs, args.rerun)
     data_notes(runs)
     done = [(r, ev) for r in ROWS if (ev := copy_records(r, runs)) is not None]
     if not done:

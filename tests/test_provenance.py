@@ -13,6 +13,7 @@ import pytest
 from polypsam import __version__
 from polypsam.compare import main as compare_main
 from polypsam.data.demo import generate_demo_dataset
+from polypsam.data.splits import split_digest, write_split
 from polypsam.evaluation import EvalSettings, evaluate_model
 from polypsam.models import build_model
 from polypsam.provenance import PROVENANCE_NAME, git_state, read, record
@@ -91,7 +92,7 @@ def test_compare_writes_the_provenance_table(two_rows):
         zs, dec = list(csv.DictReader(f))
     assert (zs["run"], dec["run"]) == ("zs", "dec")
     assert dec["checkpoint_sha256"] == hashlib.sha256(b"weights").hexdigest()
-    assert dec["split_sha256"] == hashlib.sha256((run / "split.json").read_bytes()).hexdigest()
+    assert dec["split_sha256"] == split_digest(run / "split.json")
     assert Path(dec["config"]) == run / "config_resolved.yaml" and dec["train_sessions"] == "2"
     assert float(dec["train_seconds"]) == pytest.approx(3723.4)
     commit = git_state()["commit"]
@@ -123,3 +124,13 @@ def test_moved_results_folder_finds_its_checkpoint(two_rows, tmp_path):
     assert row["checkpoint_sha256"] == hashlib.sha256(b"weights").hexdigest()
     assert row["config"] == row["split"] == row["train_commit"] == ""  # not copied: not recorded, not guessed
     assert "| dec | – | – |" in (tmp_path / "out" / "provenance.md").read_text()
+
+
+def test_split_digest_follows_the_image_lists_not_the_file(tmp_path):
+    """Two copies of one split that differ in metadata share a digest; moving one image changes it."""
+    split = {"train": ["TrainDataset/images/b.png", "TrainDataset/images/a.png"], "val": ["TrainDataset/images/c.png"]}
+    a = write_split(tmp_path / "a.json", split, seed=42, source="generated")
+    b = write_split(tmp_path / "b.json", split, seed=42, source="/elsewhere/split.json")
+    assert a.read_bytes() != b.read_bytes() and split_digest(a) == split_digest(b)
+    moved = write_split(tmp_path / "c.json", {"train": split["train"][:1], "val": split["val"] + split["train"][1:]})
+    assert split_digest(moved) != split_digest(a)

@@ -50,3 +50,46 @@ def test_figures_draw_every_row(tmp_path):
     rob = pd.DataFrame({"dataset": ["Kvasir"] * 2, "noise": [0.0, 0.1], "dice": [0.9, 0.8]})
     fig = robustness_all({"dec": rob}, {"auto": pd.DataFrame({"dataset": ["Kvasir"], "dice": [0.85]})})
     assert len(fig.axes[0].lines) == 2 and fig.axes[0].lines[1].get_ydata()[0] == 0.85
+
+
+def _driver(monkeypatch):
+    """experiments/lite_cpu.py, the study's driver (a script, not part of the package)."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "experiments" / "lite_cpu.py"
+    spec = importlib.util.spec_from_file_location("lite_cpu_driver", path)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_driver_reports_rows_from_their_records_when_the_runs_are_elsewhere(tmp_path, monkeypatch, one_thread):
+    """Rows finished in another session live only as records under experiments/results/: the driver skips
+    them (no training, no evaluation) and the report, tables and paired comparisons still hold them."""
+    from polypsam.data.demo import generate_demo_dataset
+    from polypsam.evaluation import EvalSettings, evaluate_model
+    from polypsam.models import build_model
+
+    driver = _driver(monkeypatch)
+    out = tmp_path / "results"
+    monkeypatch.setattr(driver, "OUT", out)
+    monkeypatch.setattr(driver, "DATA", tmp_path / "no-data")  # a row that ran would fail on it, loudly
+    root = generate_demo_dataset(tmp_path / "demo", n_train=2, n_test=3, size=(64, 80))
+    net = build_model("tiny", pretrained=False)
+    for name in ("zero_shot_box", "zero_shot_clean_box"):
+        evaluate_model(net, root, out / "rows" / name, EvalSettings(noise=(0.0,)), verbose=False)
+    for notes in ("specks.json", "neighbours.json"):  # the data notes are measured once; present: kept
+        (out / notes).write_text("{}")
+    runs = tmp_path / "runs"  # empty: no run folder of this session
+    assert driver.main(["--rows", "zero_shot_box", "zero_shot_clean_box", "--runs", str(runs)]) == 0
+    assert not runs.exists()
+    report = (out / "README.md").read_text()
+    assert "Rows finished: 2 of 10." in report and "`dec_box_s43`" in report
+    assert "| specks in the paper box |" in report  # the paired comparison of the two records
+    table = pd.read_csv(out / "table.csv")
+    assert list(table["run"]) == ["zero_shot_box", "zero_shot_clean_box"]
+    assert (out / "provenance.md").is_file() and (out / "figures" / "robustness.png").is_file()
+    assert driver.copy_records(driver.ROWS[2], runs) is None  # dec_box_s42: neither a run nor a record

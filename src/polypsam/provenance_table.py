@@ -1,7 +1,8 @@
 """The provenance table of ``python -m polypsam.compare``: what every row's numbers trace back to.
 
 Per row (one evaluation): the resolved config (the training run's ``config_resolved.yaml``, or the
-evaluation's own for a zero-shot row), the split file and its sha256, the checkpoint's sha256, the
+evaluation's own for a zero-shot row), the split file and the sha256 of its image lists
+(:func:`polypsam.data.splits.split_digest`: equal for every run on the same images), the checkpoint's sha256, the
 polypsam version, the git commit and hardware of training and of evaluation (``provenance.json``,
 :mod:`polypsam.provenance`), and the wall-clock time of each. Paths in the Markdown are links relative
 to the folder it is written to; the CSV holds full paths and digests. What a run did not record (a run
@@ -18,6 +19,7 @@ from pathlib import Path
 import pandas as pd
 
 from polypsam import provenance
+from polypsam.data.splits import split_digest
 from polypsam.download import sha256_file
 from polypsam.reporting import markdown_table
 
@@ -90,7 +92,7 @@ def provenance_rows(named_evaluations: list[tuple[str, dict]]) -> pd.DataFrame:
         split = _file(run / "split.json") if run else None
         train, ev = _sessions(provenance.read(run) if run else []), _sessions(provenance.read(e["dir"]))
         rows.append({
-            "run": name, "config": config, "split": split, "split_sha256": split and sha256_file(split),
+            "run": name, "config": config, "split": split, "split_sha256": split and split_digest(split),
             "checkpoint": ckpt,  # the digest the evaluation recorded, else the file's own
             "checkpoint_sha256": e["meta"].get("checkpoint_sha256") or (_file(ckpt) and sha256_file(ckpt)),
             "polypsam_version": _once([train["version"], e["meta"].get("polypsam_version")]),
@@ -132,7 +134,7 @@ def _duration(seconds, sessions=None) -> str:
 def provenance_markdown(table: pd.DataFrame, out: str | Path) -> str:
     """The table with links relative to ``out`` (the folder the Markdown is written to)."""
     out = Path(out)
-    headers = ["run", "config", "split (sha256)", "checkpoint sha256", "polypsam", "commit (train / eval)",
+    headers = ["run", "config", "split (sha256 of its lists)", "checkpoint sha256", "polypsam", "commit (train / eval)",
                "hardware (train / eval)", "train h:mm:ss", "eval h:mm:ss"]
     rows = []
     for r in table.to_dict("records"):
@@ -147,5 +149,6 @@ def provenance_markdown(table: pd.DataFrame, out: str | Path) -> str:
             f"{_short(r['train_hardware'], 80)} / {_short(r['eval_hardware'], 80)}",
             _duration(r["train_seconds"], r["train_sessions"]), _duration(r["eval_seconds"])])
     return (markdown_table(headers, rows, align=["l"] * 7 + ["r", "r"])
-            + "\n\nDigests are the first 12 hex digits (full ones in provenance.csv); commits the first 10, "
+            + "\n\nDigests are the first 12 hex digits (full ones in provenance.csv); a split's digest covers its "
+              "train and val lists only, so runs on the same images share it; commits the first 10, "
               "`+dirty`: tracked files differed from the commit. `–`: not recorded by that run.\n")

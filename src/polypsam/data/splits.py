@@ -6,6 +6,7 @@ that must be compared can be pointed at the same file (``data.split_file=...``).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -60,3 +61,19 @@ def read_split(path: str | Path, available: set[str]) -> dict[str, list[str]]:
     if overlap:
         raise DataError(f"{path}: {len(overlap)} images are in both train and val, e.g. {sorted(overlap)[:3]}.")
     return split
+
+
+def split_digest(path: str | Path) -> str:
+    """sha256 of a split's membership: the sorted train and val lists, nothing else.
+
+    Two runs that trained on the same images share this digest even when their copies of the file
+    differ in metadata (``source`` names where each run read it from), so the file's own sha256 would
+    tell a reader the splits differ when they do not.
+    """
+    path = Path(path)
+    try:
+        doc = json.loads(path.read_text())
+        lists = {"train": sorted(doc["train"]), "val": sorted(doc["val"])}
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise DataError(f"{path}: not a polypsam split file ({exc}); it needs 'train' and 'val' lists.") from None
+    return hashlib.sha256(json.dumps(lists, separators=(",", ":")).encode()).hexdigest()
