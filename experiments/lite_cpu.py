@@ -14,6 +14,7 @@ from the records, so rows run in other sessions (their run folders elsewhere) st
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import subprocess
@@ -25,9 +26,16 @@ import pandas as pd
 from PIL import Image
 
 from polypsam import compare
-from polypsam.study import paired_comparison, seed_spread
+from polypsam.study import paired_comparison, seed_spread, subset_means
 from polypsam.study.figures import robustness_all, validation_curves
-from polypsam.study.report import RowResult, detection_markdown, headline, paired_markdown, spread_markdown
+from polypsam.study.report import (
+    RowResult,
+    detection_markdown,
+    headline,
+    paired_markdown,
+    spread_markdown,
+    subset_markdown,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "experiments" / "results" / "lite_cpu"
@@ -140,6 +148,13 @@ def data_notes(runs: Path) -> None:
               str(OUT / "neighbours.json"))
 
 
+def stretched_images() -> dict[str, set[str]]:
+    """Per test set, the images whose literal tight box a speck stretches (specks.json, by mask name)."""
+    sets = json.loads((OUT / "specks.json").read_text()).get("sets", {})
+    return {Path(k).name: {Path(m).stem for m in v.get("stretched_masks", {})}
+            for k, v in sets.items() if k.startswith("TestDataset/")}
+
+
 def write_report(done: list[tuple[Row, Path]]) -> None:
     results = {}
     for row, ev in done:
@@ -176,6 +191,13 @@ def write_report(done: list[tuple[Row, Path]]) -> None:
               "commit, hardware, wall-clock): [provenance.md](provenance.md).", ""]
     if spread is not None:
         parts += ["## Seeds (decoder only, box)", "", spread_markdown(spread), ""]
+    stretched = stretched_images()
+    if any(stretched.values()):
+        tables = [(r.label, subset_means(r.per_image, stretched)) for r in results.values()]
+        parts += ["## Boxes stretched by a speck", "",
+                  "Per-image Dice@0.5 over the test images whose literal tight box a speck stretches by more "
+                  "than 10% ([specks.json](specks.json)) and over the other images, per row (image counts in "
+                  "the header).", "", subset_markdown(tables, "stretched box", "other images"), ""]
     if pairs:
         parts += ["## Paired comparisons on the same images", "",
                   "Per-image differences, a - b: mean with a 95% paired-bootstrap interval (10,000 resamples of "

@@ -93,3 +93,17 @@ def test_driver_reports_rows_from_their_records_when_the_runs_are_elsewhere(tmp_
     assert list(table["run"]) == ["zero_shot_box", "zero_shot_clean_box"]
     assert (out / "provenance.md").is_file() and (out / "figures" / "robustness.png").is_file()
     assert driver.copy_records(driver.ROWS[2], runs) is None  # dec_box_s42: neither a run nor a record
+
+
+def test_subset_means_split_each_set_by_the_named_images():
+    from polypsam.study import subset_means
+    from polypsam.study.report import subset_markdown
+
+    per_image = pd.concat([_per_image([0.2, 0.4, 0.9, 0.9]), _per_image([0.8, 0.6], sets=("CVC-ClinicDB",))])
+    t = subset_means(per_image, {"Kvasir": {"i0", "i1"}, "Elsewhere": {"i0"}})
+    kv, cl = t.to_dict("records")
+    assert (kv["n_in"], kv["n_out"]) == (2, 2) and kv["mean_in"] == pytest.approx(0.3) and kv["mean_out"] == 0.9
+    assert cl["n_in"] == 0 and np.isnan(cl["mean_in"]) and cl["mean_out"] == pytest.approx(0.7)
+    md = subset_markdown([("row a", t)], "stretched box", "other images")
+    assert "Kvasir, stretched box (2)" in md and "ClinicDB" not in md  # a set with no named image: no column
+    assert "| row a | 0.300 | 0.900 |" in md

@@ -45,3 +45,18 @@ def seed_spread(summaries: dict[str, pd.DataFrame], metric: str = "dice") -> pd.
                     "sd": float(v.std(ddof=1)) if len(v) > 1 else None, "min": float(v.min()),
                     "max": float(v.max())})
     return pd.DataFrame(out)
+
+
+def subset_means(per_image: pd.DataFrame, subset: dict[str, set[str]], metric: str = "dice") -> pd.DataFrame:
+    """Per test set: the mean of ``metric`` over the images ``subset[set]`` names and over the others.
+
+    ``subset`` maps a set (per_image.csv's ``dataset``) to image names, e.g. the masks whose tight box
+    a speck stretches (``python -m polypsam.data.specks``); a mean over no image is NaN.
+    """
+    rows = []
+    for name, sub in per_image.groupby("dataset", sort=False):
+        inside = sub["image"].astype(str).isin(subset.get(name, set()))
+        rows.append({"dataset": name, "n_in": int(inside.sum()), "n_out": int((~inside).sum()),
+                     "mean_in": float(sub.loc[inside, metric].mean()),
+                     "mean_out": float(sub.loc[~inside, metric].mean())})
+    return pd.DataFrame(rows)

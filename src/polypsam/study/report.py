@@ -72,6 +72,22 @@ def spread_markdown(spread: pd.DataFrame) -> str:
     return rep.markdown_table(["set", "seeds", "mean Dice", "sd", "range"], body)
 
 
+def subset_markdown(tables: list[tuple[str, pd.DataFrame]], inside: str, outside: str) -> str:
+    """(row label, :func:`polypsam.study.subset_means` table) -> a row per row, two columns per set that has
+    images in the subset: the mean over them and over the others, with their counts in the header."""
+    first = tables[0][1].to_dict("records")
+    sets = [(r["dataset"], r["n_in"], r["n_out"]) for r in first if r["n_in"]]
+    headers = ["row"] + [h for s, n_in, n_out in sets for h in
+                         (f"{rep.SHORT_NAMES.get(s, s)}, {inside} ({n_in})",
+                          f"{rep.SHORT_NAMES.get(s, s)}, {outside} ({n_out})")]
+    body = []
+    for label, table in tables:
+        by = {r["dataset"]: r for r in table.to_dict("records")}
+        body.append([label] + [rep.fmt(by[s][k]) if s in by and pd.notna(by[s][k]) else "–"
+                               for s, _, _ in sets for k in ("mean_in", "mean_out")])
+    return rep.markdown_table(headers, body)
+
+
 def detection_markdown(det: pd.DataFrame) -> str:
     cols = ["frames", "with_polyp", "proposals", "missed", "false_proposals", "correct_rejections", "false_alarms"]
     return rep.markdown_table(["set", *[c.replace("_", " ") for c in cols]],
