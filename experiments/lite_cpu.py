@@ -26,7 +26,7 @@ import pandas as pd
 from PIL import Image
 
 from polypsam import compare
-from polypsam.study import paired_comparison, seed_spread, subset_means
+from polypsam.study import paired_comparison, seed_mean, seed_spread, subset_means
 from polypsam.study.figures import robustness_all, validation_curves
 from polypsam.study.report import (
     RowResult,
@@ -65,13 +65,18 @@ ROWS = (
     Row("unet_s42", "U-Net baseline (smp), no prompt", "unet_s42"),
 )
 SEEDS = ("dec_box_s42", "dec_box_s43", "dec_box_s44")
-PAIRS = (("what fine-tuning buys", "dec_box_s42", "zero_shot_box"),
+# Comparisons name rows, or DERIVED per-image tables: "dec_box", the decoder-only box row as the per-image
+# mean over its seeds (never one lucky seed); "dec_mixed_box", the prompt-free checkpoint given the oracle box
+# (dec_auto's per_image_box.csv), so oracle box against automatic boxes compares one checkpoint.
+PAIRS = (("what fine-tuning buys", "dec_box", "zero_shot_box"),
          ("specks in the paper box", "zero_shot_clean_box", "zero_shot_box"),
-         ("jittered training boxes", "dec_jitter_s42", "dec_box_s42"),
-         ("LoRA against decoder only", "lora_box_s42", "dec_box_s42"),
-         ("SAM against a U-Net", "dec_box_s42", "unet_s42"),
-         ("oracle box against no box", "dec_box_s42", "dec_auto"),
+         ("jittered training boxes", "dec_jitter_s42", "dec_box"),
+         ("LoRA against decoder only", "lora_box_s42", "dec_box"),
+         ("SAM against a U-Net", "dec_box", "unet_s42"),
+         ("oracle box against automatic boxes (one checkpoint)", "dec_mixed_box", "dec_auto"),
          ("refining the proposals", "dec_auto", "dec_none"))
+DERIVED = {"dec_box": "the decoder-only box row, per-image mean over the seeds it has run",
+           "dec_mixed_box": "the prompt-free checkpoint (`dec_mixed_s42`) given the oracle box"}
 
 
 def run_dir(row: Row, runs: Path) -> Path:
@@ -165,8 +170,15 @@ def write_report(done: list[tuple[Row, Path]]) -> None:
     sets = sorted({s for r in results.values() for s in r.summary["dataset"]}, key=lambda s: s != "Kvasir")
     seeds = {n: results[n].summary for n in SEEDS if n in results}
     spread = seed_spread(seeds) if len(seeds) >= 2 else None
-    pairs = [(q, a, b, paired_comparison(results[a].per_image, results[b].per_image))
-             for q, a, b in PAIRS if a in results and b in results]
+    per_image = {name: r.per_image for name, r in results.items()}
+    if seeds:
+        per_image["dec_box"] = seed_mean([results[n].per_image for n in seeds])
+    auto = dict(done).get(next(r for r in ROWS if r.name == "dec_auto"))
+    if auto is not None and (auto / "per_image_box.csv").is_file():
+        per_image["dec_mixed_box"] = pd.read_csv(auto / "per_image_box.csv")
+    pairs = [(q, a, b, paired_comparison(per_image[a], per_image[b])) for q, a, b in PAIRS
+             if a in per_image and b in per_image]
+    runs = {r.name: r.job for r in ROWS} | {"dec_box": "+".join(SEEDS), "dec_mixed_box": "dec_mixed_s42"}
     curves = {r.name: OUT / "rows" / r.name / "csv" / "metrics.csv" for r, _ in done
               if (OUT / "rows" / r.name / "csv" / "metrics.csv").is_file() and r.eval_dir == "eval"}
     (OUT / "figures").mkdir(exist_ok=True)
@@ -202,7 +214,9 @@ def write_report(done: list[tuple[Row, Path]]) -> None:
         parts += ["## Paired comparisons on the same images", "",
                   "Per-image differences, a - b: mean with a 95% paired-bootstrap interval (10,000 resamples of "
                   "images) and the two-sided Wilcoxon signed-rank test. A difference smaller than the range over "
-                  "seeds is called noise.", "", paired_markdown(pairs, spread), ""]
+                  "seeds is called noise where rows of different training runs are compared. "
+                  + "; ".join(f"`{k}`: {v}" for k, v in DERIVED.items() if k in per_image) + ".", "",
+                  paired_markdown(pairs, spread, runs), ""]
     if "dec_auto" in results and results["dec_auto"].detection is not None:
         parts += ["## No box: what stage 1 proposed", "", detection_markdown(results["dec_auto"].detection), ""]
     parts += ["## Figures", "", "- [prompt robustness, every row](figures/robustness.png)",

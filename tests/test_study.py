@@ -107,3 +107,22 @@ def test_subset_means_split_each_set_by_the_named_images():
     md = subset_markdown([("row a", t)], "stretched box", "other images")
     assert "Kvasir, stretched box (2)" in md and "ClinicDB" not in md  # a set with no named image: no column
     assert "| row a | 0.300 | 0.900 |" in md
+
+
+def test_seed_mean_averages_each_image_over_the_seeds():
+    from polypsam.study import seed_mean
+
+    m = seed_mean([_per_image([0.9, 0.5, 0.7]), _per_image([0.7, 0.7]), _per_image([0.8, 0.6, 0.1])])
+    assert list(m["image"]) == ["i0", "i1"]  # i2: not in every seed's evaluation
+    assert m["dice"].tolist() == pytest.approx([0.8, 0.6])
+
+
+def test_noise_verdict_only_where_a_seed_can_vary():
+    sums = {s: pd.DataFrame({"dataset": ["Kvasir"], "dice": [d]}) for s, d in (("s1", 0.90), ("s2", 0.93))}
+    small = pd.DataFrame([{"dataset": "Kvasir", "n_images": 5, "mean_a": 0.915, "mean_b": 0.90, "diff": 0.015,
+                           "ci_low": 0.01, "ci_high": 0.02, "wilcoxon_p": 0.01}])
+    md = paired_markdown([("zero-shot pair", "zs_a", "zs_b", small), ("trained", "dec", "zs_a", small),
+                          ("one checkpoint", "dec_auto", "dec", small)],
+                         seed_spread(sums), runs={"dec": "run1", "dec_auto": "run1", "zs_a": None, "zs_b": None})
+    lines = md.splitlines()
+    assert "zs_a higher" in lines[2] and "noise" in lines[3] and "dec_auto higher" in lines[4]

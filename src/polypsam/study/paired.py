@@ -60,3 +60,11 @@ def subset_means(per_image: pd.DataFrame, subset: dict[str, set[str]], metric: s
                      "mean_in": float(sub.loc[inside, metric].mean()),
                      "mean_out": float(sub.loc[~inside, metric].mean())})
     return pd.DataFrame(rows)
+
+
+def seed_mean(per_images: list[pd.DataFrame], metric: str = "dice") -> pd.DataFrame:
+    """Per image, the mean of ``metric`` over runs that differ only in seed (the images all of them hold):
+    one row per image, so a seeded row is compared with another row by its mean, not by one lucky seed."""
+    long = pd.concat([p[KEY + [metric]] for p in per_images])
+    counts = long.groupby(KEY, sort=False)[metric].transform("size")
+    return long[counts == len(per_images)].groupby(KEY, sort=False, as_index=False)[metric].mean()

@@ -44,13 +44,24 @@ def headline(rows: list[RowResult], sets: list[str]) -> str:
     return rep.markdown_table(headers, body)
 
 
-def paired_markdown(comparisons: list[tuple[str, str, str, pd.DataFrame]], spread: pd.DataFrame | None) -> str:
-    """(what it asks, row a, row b, paired_comparison table) -> one Markdown table with a verdict column."""
+def paired_markdown(comparisons: list[tuple[str, str, str, pd.DataFrame]], spread: pd.DataFrame | None,
+                    runs: dict[str, str | None] | None = None) -> str:
+    """(what it asks, row a, row b, paired_comparison table) -> one Markdown table with a verdict column.
+
+    ``runs`` names the training run behind each row (None: zero-shot). A difference smaller than the seed
+    spread reads as noise only between rows of different runs, one of them trained: two zero-shot rows have
+    no seed to vary, and two evaluations of one checkpoint differ by inference alone. ``runs=None``: the
+    rule applies to every comparison.
+    """
     sd = {} if spread is None else {r["dataset"]: r for r in spread.to_dict("records")}
+
+    def seed_dependent(a: str, b: str) -> bool:
+        return runs is None or (runs.get(a) != runs.get(b) and (runs.get(a) or runs.get(b)) is not None)
+
     body = []
     for question, a, b, table in comparisons:
         for r in table.to_dict("records"):
-            s = sd.get(r["dataset"])
+            s = sd.get(r["dataset"]) if seed_dependent(a, b) else None
             noise = s is not None and s["sd"] is not None and abs(r["diff"]) < (s["max"] - s["min"])
             covers = r["ci_low"] <= 0 <= r["ci_high"]
             verdict = ("noise (smaller than the seed spread)" if noise else
