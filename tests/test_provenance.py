@@ -134,3 +134,27 @@ def test_split_digest_follows_the_image_lists_not_the_file(tmp_path):
     assert a.read_bytes() != b.read_bytes() and split_digest(a) == split_digest(b)
     moved = write_split(tmp_path / "c.json", {"train": split["train"][:1], "val": split["val"] + split["train"][1:]})
     assert split_digest(moved) != split_digest(a)
+
+
+def test_an_older_evaluation_takes_the_digest_another_recorded_for_its_checkpoint(two_rows, tmp_path):
+    """Two evaluations of one checkpoint, moved away from it: the older (no digest in its meta.json) reads
+    the digest the newer recorded; alone, it reads as missing, never guessed."""
+    _, run = two_rows
+    meta = json.loads((run / "eval" / "meta.json").read_text())
+    for name, keep in (("new", True), ("old", False)):
+        ev = tmp_path / name / "eval"
+        ev.mkdir(parents=True)
+        for f in ("summary.csv", "per_image.csv"):
+            (ev / f).write_bytes((run / "eval" / f).read_bytes())
+        m = dict(meta, checkpoint="/nowhere/dec/checkpoints/best.ckpt")
+        m.pop("checkpoint_sha256", None)
+        if keep:
+            m["checkpoint_sha256"] = hashlib.sha256(b"weights").hexdigest()
+        (ev / "meta.json").write_text(json.dumps(m))
+    both, alone = tmp_path / "both", tmp_path / "alone"
+    assert compare_main([str(tmp_path / "new" / "eval"), str(tmp_path / "old" / "eval"), "--out", str(both)]) == 0
+    assert compare_main([str(tmp_path / "old" / "eval"), "--out", str(alone)]) == 0
+    with open(both / "provenance.csv") as f:
+        assert {r["checkpoint_sha256"] for r in csv.DictReader(f)} == {hashlib.sha256(b"weights").hexdigest()}
+    with open(alone / "provenance.csv") as f:
+        assert next(csv.DictReader(f))["checkpoint_sha256"] == ""

@@ -126,3 +126,6 @@ def test_noise_verdict_only_where_a_seed_can_vary():
                          seed_spread(sums), runs={"dec": "run1", "dec_auto": "run1", "zs_a": None, "zs_b": None})
     lines = md.splitlines()
     assert "zs_a higher" in lines[2] and "noise" in lines[3] and "dec_auto higher" in lines[4]
+    assert "Wilcoxon" not in lines[2]
+    weak = small.assign(wilcoxon_p=0.2)  # the bootstrap interval excludes 0, the rank test does not agree
+    assert "zs_a higher (bootstrap only: Wilcoxon p >= 0.05)" in paired_markdown([("q", "zs_a", "zs_b", weak)], None)

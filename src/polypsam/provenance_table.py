@@ -84,6 +84,10 @@ def _train_seconds(run: Path | None) -> float | None:
 
 def provenance_rows(named_evaluations: list[tuple[str, dict]]) -> pd.DataFrame:
     """A row per (row name, evaluation from :func:`polypsam.reporting.load_evaluation`)."""
+    # a digest one evaluation recorded also serves another evaluation of the same checkpoint file that
+    # predates the record (and whose checkpoint has since moved away)
+    recorded = {e["meta"]["checkpoint"]: e["meta"]["checkpoint_sha256"] for _, e in named_evaluations
+                if e["meta"].get("checkpoint") and e["meta"].get("checkpoint_sha256")}
     rows = []
     for name, e in named_evaluations:
         ckpt = _checkpoint(e)
@@ -93,8 +97,9 @@ def provenance_rows(named_evaluations: list[tuple[str, dict]]) -> pd.DataFrame:
         train, ev = _sessions(provenance.read(run) if run else []), _sessions(provenance.read(e["dir"]))
         rows.append({
             "run": name, "config": config, "split": split, "split_sha256": split and split_digest(split),
-            "checkpoint": ckpt,  # the digest the evaluation recorded, else the file's own
-            "checkpoint_sha256": e["meta"].get("checkpoint_sha256") or (_file(ckpt) and sha256_file(ckpt)),
+            "checkpoint": ckpt,  # the digest recorded, else the file's own
+            "checkpoint_sha256": e["meta"].get("checkpoint_sha256") or (_file(ckpt) and sha256_file(ckpt))
+            or recorded.get(e["meta"].get("checkpoint")),
             "polypsam_version": _once([train["version"], e["meta"].get("polypsam_version")]),
             "train_commit": train["commit"], "eval_commit": ev["commit"],
             "train_hardware": train["hardware"], "eval_hardware": ev["hardware"],
