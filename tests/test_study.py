@@ -129,3 +129,5 @@ def test_noise_verdict_only_where_a_seed_can_vary():
     assert "Wilcoxon" not in lines[2]
     weak = small.assign(wilcoxon_p=0.2)  # the bootstrap interval excludes 0, the rank test does not agree
     assert "zs_a higher (bootstrap only: Wilcoxon p >= 0.05)" in paired_markdown([("q", "zs_a", "zs_b", weak)], None)
+    tiny = weak.assign(diff=0.001, mean_a=0.901, ci_low=0.0005, ci_high=0.002)
+    assert "no practical difference (under 0.005) |" in paired_markdown([("q", "zs_a", "zs_b", tiny)], None)

@@ -68,7 +68,7 @@ def paired_markdown(comparisons: list[tuple[str, str, str, pd.DataFrame]], sprea
                        "not distinguishable (interval covers 0)" if covers else
                        f"no practical difference (under {NEGLIGIBLE})" if abs(r["diff"]) < NEGLIGIBLE else
                        f"{a if r['diff'] > 0 else b} higher")
-            if not (noise or covers) and r["wilcoxon_p"] is not None and r["wilcoxon_p"] >= 0.05:
+            if verdict.endswith("higher") and r["wilcoxon_p"] is not None and r["wilcoxon_p"] >= 0.05:
                 verdict += " (bootstrap only: Wilcoxon p >= 0.05)"
             p = "–" if r["wilcoxon_p"] is None else f"{r['wilcoxon_p']:.2g}"
             body.append([question, rep.SHORT_NAMES.get(r["dataset"], r["dataset"]), str(r["n_images"]),
