@@ -173,7 +173,7 @@ def write_report(done: list[tuple[Row, Path]]) -> None:
     per_image = {name: r.per_image for name, r in results.items()}
     if seeds:
         per_image["dec_box"] = seed_mean([results[n].per_image for n in seeds])
-    auto = dict(done).get(next(r for r in ROWS if r.name == "dec_auto"))
+    auto = next((ev for r, ev in done if r.name == "dec_auto"), None)
     if auto is not None and (auto / "per_image_box.csv").is_file():
         per_image["dec_mixed_box"] = pd.read_csv(auto / "per_image_box.csv")
     pairs = [(q, a, b, paired_comparison(per_image[a], per_image[b])) for q, a, b in PAIRS

@@ -43,16 +43,21 @@ def write_split(path: str | Path, split: dict[str, list[str]], **meta) -> Path:
     return path
 
 
+def _lists(path: Path) -> dict[str, list[str]]:
+    """The train and val lists of a split file, or a DataError naming the file."""
+    try:
+        doc = json.loads(path.read_text())
+        return {"train": list(doc["train"]), "val": list(doc["val"])}
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise DataError(f"{path}: not a polypsam split file ({exc}); it needs 'train' and 'val' lists.") from None
+
+
 def read_split(path: str | Path, available: set[str]) -> dict[str, list[str]]:
     """Read a split file and check every entry exists among ``available`` (root-relative paths)."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: split file not found (data.split_file); give the split.json of an earlier run.")
-    try:
-        doc = json.loads(path.read_text())
-        split = {"train": list(doc["train"]), "val": list(doc["val"])}
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise DataError(f"{path}: not a polypsam split file ({exc}); it needs 'train' and 'val' lists.") from None
+    split = _lists(path)
     missing = [p for p in split["train"] + split["val"] if p not in available]
     if missing:
         raise DataError(f"{path}: {len(missing)} entries are not in the data root, e.g. {missing[:5]}; "
@@ -70,10 +75,5 @@ def split_digest(path: str | Path) -> str:
     differ in metadata (``source`` names where each run read it from), so the file's own sha256 would
     tell a reader the splits differ when they do not.
     """
-    path = Path(path)
-    try:
-        doc = json.loads(path.read_text())
-        lists = {"train": sorted(doc["train"]), "val": sorted(doc["val"])}
-    except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise DataError(f"{path}: not a polypsam split file ({exc}); it needs 'train' and 'val' lists.") from None
+    lists = {k: sorted(v) for k, v in _lists(Path(path)).items()}
     return hashlib.sha256(json.dumps(lists, separators=(",", ":")).encode()).hexdigest()
