@@ -96,8 +96,8 @@ def _dir_mib(path: Path, pattern: str) -> tuple[int, float]:
 def bench(root: Path, n: int, sizes: list[tuple[int, str]], workers: list[int], batch: int, tmp: Path) -> list[dict]:
     recs = records(root, n)
     rows = []
-    emb_cache = EmbeddingCache(tmp / "emb", "bench-random")
-    resident = EmbeddingCache(tmp / "emb", "bench-random", resident=True)
+    emb_cache = EmbeddingCache(tmp / "emb" / "bench-random")
+    resident = EmbeddingCache(tmp / "emb" / "bench-random", resident=True)
     g = torch.Generator().manual_seed(0)
     for r in recs:  # filled once, outside the timing
         emb_cache.save(r.key, torch.randn(256, 64, 64, generator=g))

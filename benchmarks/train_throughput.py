@@ -552,8 +552,8 @@ def epoch_bench(model: str, data_root: Path, n_images: int, batch: int, device: 
         return time.perf_counter() - t0
 
     with tempfile.TemporaryDirectory(prefix="polypsam-emb-bench-") as tmp:
-        cache = EmbeddingCache(tmp, net.encoder_fingerprint())
-        resident = EmbeddingCache(tmp, net.encoder_fingerprint(), resident=True)
+        cache = EmbeddingCache.for_model(tmp, net)
+        resident = EmbeddingCache.for_model(tmp, net, resident=True)
         epoch(None, limit=1)  # warm-up: one step, for first-call allocations
         cold = epoch(cache)
         written = len(cache)

@@ -110,7 +110,7 @@ def test_neighbours_flag_the_copy_and_only_the_copy(tree, tmp_path):
     split = {"train": [f"TrainDataset/images/t{i}.png" for i in range(8)],
              "val": ["TrainDataset/images/t8.png", "TrainDataset/images/t9.png"]}
     (tmp_path / "split.json").write_text(json.dumps(split))
-    cache = EmbeddingCache(tmp_path / "emb", "model")
+    cache = EmbeddingCache(tmp_path / "emb" / "model")
     for p in sorted(tree.rglob("images/*.png")):  # an 'embedding' that is the image itself
         cache.save(file_digest(p), torch.from_numpy(np.array(Image.open(p))).permute(2, 0, 1).float())
     rep = find_neighbours(tree, str(tmp_path / "split.json"), cache.dir)
@@ -124,7 +124,7 @@ def test_neighbours_flag_the_copy_and_only_the_copy(tree, tmp_path):
 
 
 def test_neighbours_command_writes_json_and_figures(tree, tmp_path, capsys):
-    cache = EmbeddingCache(tmp_path / "emb", "model")
+    cache = EmbeddingCache(tmp_path / "emb" / "model")
     out, fig = tmp_path / "n" / "neighbours.json", tmp_path / "n" / "pairs.png"
     assert neighbours_main([str(tree), "--out", str(out), "--figure", str(fig)]) == 0
     assert json.loads(out.read_text())["sets"]["A"]["hash_near_duplicates"] == 1

@@ -10,6 +10,7 @@ fp16 rounding alone is checked exactly: decoding the fp16-rounded embedding give
 import copy
 import dataclasses
 import multiprocessing as mp
+from pathlib import Path
 
 import albumentations as A
 import numpy as np
@@ -39,7 +40,7 @@ def _records(real_root, n):
 
 
 def _dec(name):
-    net = build_model(name, pretrained=name == "lite")
+    net = build_model(name, pretrained=name == "lite").eval()  # frozen parts encode in eval mode
     return net, freeze_strategy(net, STRATEGIES["dec"], BoxPrompt().unused_parameters)
 
 
@@ -52,7 +53,7 @@ def _close(cached, fresh):
 @pytest.mark.parametrize("name,n", [("tiny", 3), ("lite", 1)])  # lite: ~3-10 s per image on this CPU
 def test_same_logits_with_and_without_the_cache(real_root, tmp_path, name, n):
     net, frozen = _dec(name)
-    cache = EmbeddingCache(tmp_path, net.encoder_fingerprint())
+    cache = EmbeddingCache.for_model(tmp_path, net)
     module = PolypSAMModule(net, frozen_modules=frozen, embedding_cache=cache).eval()
     ds = PolypDataset(_records(real_root, n), net.spec.image_size, BoxPrompt(), embedding_cache=cache,
                       resize_method=net.spec.resize_method)
@@ -87,7 +88,7 @@ def test_same_logits_with_and_without_the_cache(real_root, tmp_path, name, n):
 def test_other_weights_or_preprocessing_never_hit(real_root, tmp_path):
     net, _ = _dec("tiny")
     rec = _records(real_root, 1)
-    cache = EmbeddingCache(tmp_path, net.encoder_fingerprint())
+    cache = EmbeddingCache.for_model(tmp_path, net)
     with torch.no_grad():
         cache.save(rec[0].key, net.encode(*_image(net, rec)))
     assert build_model("tiny", pretrained=False).encoder_fingerprint() == net.encoder_fingerprint()  # stable
@@ -106,7 +107,7 @@ def test_other_weights_or_preprocessing_never_hit(real_root, tmp_path):
     keys = {o.encoder_fingerprint() for o in others}
     assert len(keys) == len(others) and net.encoder_fingerprint() not in keys
     for other in others:
-        oc = EmbeddingCache(tmp_path, other.encoder_fingerprint())
+        oc = EmbeddingCache.for_model(tmp_path, other)
         assert oc.dir != cache.dir and oc.load(rec[0].key) is None
         item = PolypDataset(rec, 64, BoxPrompt(), embedding_cache=oc)[0]
         assert "embedding" not in item and "image" in item  # the image is encoded again, never the stale one
@@ -130,7 +131,7 @@ def _expected(i: int) -> torch.Tensor:
 
 def _fill(root, keys, barrier, writes, slot):
     torch.set_num_threads(1)
-    cache = EmbeddingCache(root, "model")
+    cache = EmbeddingCache(Path(root) / "model")
     barrier.wait()  # all writers start together
     for _ in range(4):
         for i, k in enumerate(keys):
@@ -149,7 +150,7 @@ def test_concurrent_fill(tmp_path):
         p.join(60)
     assert [p.exitcode for p in procs] == [0] * 4
     assert list(writes) == [4 * len(keys)] * 4
-    cache = EmbeddingCache(tmp_path, "model")
+    cache = EmbeddingCache(tmp_path / "model")
     for i, k in enumerate(keys):
         got = cache.load(k)
         assert got is not None and got.dtype == torch.float16
@@ -162,7 +163,7 @@ def test_augmentation_and_cache_are_mutually_exclusive(tmp_path):
     flip = A.HorizontalFlip(p=0.5)
     with pytest.raises(ConfigError, match="mutually exclusive"):
         PolypDataModule(root=str(tmp_path), image_size=64, augment=[flip],
-                        embedding_cache=EmbeddingCache(tmp_path / "c", "m"))
+                        embedding_cache=EmbeddingCache(tmp_path / "c" / "m"))
     net, _ = _dec("tiny")
 
     def cfg(enabled, augment):
@@ -184,8 +185,8 @@ def test_resident_embeddings_are_read_once_and_equal_the_disk_cache(real_root, t
     """resident=True: the loader ships keys, not tensors; the module serves the disk cache's fp16 values."""
     n = 3
     net, frozen = _dec("tiny")
-    disk = EmbeddingCache(tmp_path, net.encoder_fingerprint())
-    resident = EmbeddingCache(tmp_path, net.encoder_fingerprint(), resident=True)
+    disk = EmbeddingCache.for_model(tmp_path, net)
+    resident = EmbeddingCache.for_model(tmp_path, net, resident=True)
     module = PolypSAMModule(net, frozen_modules=frozen, embedding_cache=resident).eval()
     records = _records(real_root, n)
 
@@ -212,7 +213,7 @@ def test_resident_embeddings_are_read_once_and_equal_the_disk_cache(real_root, t
 
     # a new run (empty memory, filled disk) reads each entry once, then serves from memory
     again = PolypSAMModule(net, frozen_modules=frozen,
-                           embedding_cache=EmbeddingCache(tmp_path, net.encoder_fingerprint(), resident=True)).eval()
+                           embedding_cache=EmbeddingCache.for_model(tmp_path, net, resident=True)).eval()
     with torch.no_grad():
         for _ in range(2):
             out, _ = again(batch(again.embedding_cache))
@@ -221,7 +222,7 @@ def test_resident_embeddings_are_read_once_and_equal_the_disk_cache(real_root, t
 
     # an entry that cannot be read is named, with the fix
     fresh = PolypSAMModule(net, frozen_modules=frozen,
-                           embedding_cache=EmbeddingCache(tmp_path, net.encoder_fingerprint(), resident=True)).eval()
+                           embedding_cache=EmbeddingCache.for_model(tmp_path, net, resident=True)).eval()
     bad = fresh.embedding_cache.path(warm.keys[1])
     bad.write_bytes(b"not a tensor")
     with pytest.raises(DataError, match=f"{bad}.*{records[1].image.name}.*delete it"):

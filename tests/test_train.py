@@ -55,7 +55,7 @@ def test_dec_strategy_fills_and_reuses_the_embedding_cache(small_root, tmp_path)
     common = ["+experiment=tiny", "strategy=dec", "data=pranet", f"data.root={small_root}", "data.num_workers=0",
               f"paths.root_dir={tmp_path}", f"data.embedding_cache.dir={cache}", "scratch.max_epochs=2"]
     run_train(*common, f"hydra.run.dir={tmp_path / 'a'}")
-    files = sorted(cache.glob("*/*/*.pt"))
+    files = sorted(cache.glob("v2/*/*/*.pt"))
     assert len(files) == 20  # 11 train + 3 val images, and the 6 test images evaluation encoded, once each
     meta = json.loads((tmp_path / "a" / "eval" / "meta.json").read_text())
     assert "(0 read, 6 written; fp16)" in meta["embeddings"]
@@ -64,7 +64,7 @@ def test_dec_strategy_fills_and_reuses_the_embedding_cache(small_root, tmp_path)
     mtimes = {f: f.stat().st_mtime_ns for f in files}
     # the second run keeps the embeddings in memory (data.embedding_cache.resident): read once, same result
     run_train(*common, "data.embedding_cache.resident=true", f"hydra.run.dir={tmp_path / 'b'}")
-    assert {f: f.stat().st_mtime_ns for f in sorted(cache.glob("*/*/*.pt"))} == mtimes  # reused, not rewritten
+    assert {f: f.stat().st_mtime_ns for f in sorted(cache.glob("v2/*/*/*.pt"))} == mtimes  # reused, not rewritten
     assert "(6 read, 0 written; fp16)" in json.loads((tmp_path / "b" / "eval" / "meta.json").read_text())["embeddings"]
     a = json.loads((tmp_path / "a" / "results.json").read_text())
     b = json.loads((tmp_path / "b" / "results.json").read_text())

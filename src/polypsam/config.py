@@ -74,7 +74,7 @@ def embedding_cache_from_cfg(cfg: DictConfig, net: PromptableSAM) -> EmbeddingCa
         if resident:
             log.info("data.embedding_cache.resident ignored: the embedding cache is off for this run")
         return None
-    return EmbeddingCache(cfg.data.embedding_cache.dir, net.encoder_fingerprint(), resident=resident)
+    return EmbeddingCache.for_model(cfg.data.embedding_cache.dir, net, resident=resident)
 
 
 def image_cache_from_cfg(cfg: DictConfig, image_size: int, resize_method: str = "pil_bilinear"

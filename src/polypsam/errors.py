@@ -43,3 +43,7 @@ class StoppedBySignal(SystemExit):
 
     def __str__(self) -> str:  # SystemExit would print the status; a DDP rank's report shows this line
         return self.message
+
+
+class FrozenStateChanged(PolypSamError, RuntimeError):
+    """A part the strategy froze changed its weights or buffers (e.g. BatchNorm statistics) during a run."""

@@ -18,6 +18,7 @@ from polypsam.errors import DataError, TrainingDiverged
 from polypsam.inference import original_probabilities
 from polypsam.losses import SegmentationLoss
 from polypsam.metrics import dice_iou
+from polypsam.models.frozen import FrozenParts
 from polypsam.models.identity import base_weights_sha256, check_base, trainable_state, with_base_state
 from polypsam.models.lora import has_lora
 from polypsam.models.sam import PromptableSAM
@@ -55,6 +56,7 @@ class PolypSAMModule(L.LightningModule):
         self.net = net
         self.loss_fn = SegmentationLoss(loss)
         self.frozen_modules = list(frozen_modules or [])
+        self.frozen = FrozenParts(self.frozen_modules)
         self.embedding_cache = embedding_cache
         self.resident: dict[str, torch.Tensor] = {}  # image key -> fp16 embedding on the device
         self.run_config = run_config or {}
@@ -64,14 +66,18 @@ class PolypSAMModule(L.LightningModule):
         # LoRA: checkpoints hold the trainable state and the sha256 of the frozen base weights it adapts
         self.base_sha256 = base_weights_sha256(net) if has_lora(net) else None
 
-    # -- modes ----------------------------------------------------------------------------------------
-    def train(self, mode: bool = True):
-        """Frozen parts stay in eval mode (no dropout / stochastic depth) while the rest trains."""
-        super().train(mode)
-        mods = dict(self.net.named_modules())
-        for name in self.frozen_modules:
-            mods[name].eval()
-        return self
+    # -- frozen parts: eval mode whenever they run, bit-identical state (models.frozen) ---------------
+    def on_fit_start(self) -> None:
+        self.frozen.remember(self.net)  # after Lightning restored a checkpoint, if it resumes one
+
+    def on_train_batch_start(self, batch: Batch, batch_idx: int) -> None:
+        # Lightning 2.6 never calls train() in fit and restores each submodule's own flag after validation:
+        # the modes are set here, before every batch (a walk over the modules, microseconds)
+        self.frozen.set_training_modes(self.net)
+
+    def on_fit_end(self) -> None:
+        self.frozen.check(self.net, "during fit")
+        self.resident.clear()  # evaluation after fit reads its own test sets
 
     @property
     def encoder_trainable(self) -> bool:
@@ -121,9 +127,6 @@ class PolypSAMModule(L.LightningModule):
                 store[keys[i]] = new[j].to(torch.float16)
         # the disk cache's fp16 values on every epoch, the first included
         return torch.stack([store[k] for k in keys]).float()
-
-    def on_fit_end(self):
-        self.resident.clear()  # evaluation after fit reads its own test sets
 
     def forward(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         emb = self._embeddings(batch)
@@ -176,11 +179,13 @@ class PolypSAMModule(L.LightningModule):
 
     # -- checkpoints ----------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        self.frozen.check(self.net, f"before the checkpoint of global step {self.global_step}")
         checkpoint[CHECKPOINT_KEY] = {"version": __version__, "model": self.net.spec.name,
                                       "spec": asdict(self.net.spec), "frozen_modules": self.frozen_modules,
                                       "config": self.run_config, "base_sha256": self.base_sha256}
         if self.base_sha256 is not None:
-            checkpoint["state_dict"] = trainable_state(self, checkpoint["state_dict"])
+            frozen = [f"net.{name}" for name in self.frozen_modules]
+            checkpoint["state_dict"] = trainable_state(self, checkpoint["state_dict"], frozen)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Resuming a LoRA run: the same base weights, completed from this model's own."""

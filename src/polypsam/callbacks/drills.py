@@ -25,10 +25,11 @@ class InjectFault(L.Callback):
     process kills itself with SIGKILL after that batch), ``pause`` (writes ``marker`` and waits up to
     ``wait_s`` seconds, or until SIGTERM, so a test can signal it at a known point), ``nan_grad``
     (the gradients of that batch's optimiser step become NaN), ``oom`` (raises ``torch.OutOfMemoryError``
-    at the start of that batch).
+    at the start of that batch), ``frozen_write`` (adds 1 to the first buffer, else parameter, of the first
+    frozen part after that batch, as a bug that writes to a frozen part would).
     """
 
-    KINDS = ("sigkill", "pause", "nan_grad", "oom")
+    KINDS = ("sigkill", "pause", "nan_grad", "oom", "frozen_write")
 
     def __init__(self, at_batch: int, kind: str, marker: str | None = None, wait_s: float = 120.0):
         if kind not in self.KINDS:
@@ -55,6 +56,10 @@ class InjectFault(L.Callback):
             return
         if self.kind == "sigkill":
             os.kill(os.getpid(), signal.SIGKILL)
+        elif self.kind == "frozen_write":
+            part = dict(pl_module.net.named_modules())[pl_module.frozen_modules[0]]
+            with torch.no_grad():
+                next(iter([*part.buffers(), *part.parameters()])).add_(1)
         elif self.kind == "pause":
             if self.marker:
                 Path(self.marker).write_text(f"{os.getpid()} {trainer.global_step}\n")

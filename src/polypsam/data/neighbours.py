@@ -21,7 +21,7 @@ near-duplicate at ``MAX_BITS`` = 40 bits or fewer (15.6 %). Calibrated on ``../s
   endoscopy frames share their low frequencies (vignette, black corners, pink mucosa), which pHash keeps.
 
 **Embedding cosine** (``--embeddings DIR``, a polypsam embedding-cache folder holding every image, e.g.
-``~/.cache/polypsam/embeddings/<model key>`` after a cached LiteMedSAM run): cosine similarity of the
+``~/.cache/polypsam/embeddings/v2/<model key>`` after a cached LiteMedSAM run): cosine similarity of the
 image-encoder embeddings average-pooled to 256x8x8. Near-duplicate at ``MIN_COSINE`` = 0.92 or more; the
 closest unrelated pairs reach 0.910 (ClinicDB, frames more than 60 numbers apart) and 0.909 (two Kvasir
 frames of different exams). It follows the same polyp across larger camera moves than the hash.
@@ -79,7 +79,7 @@ def pooled_embeddings(paths: Sequence[Path], folder: Path) -> np.ndarray:
     """Unit-norm embeddings pooled to 256x8x8 from a polypsam embedding cache; every image must be there."""
     import torch.nn.functional as F
 
-    cache = EmbeddingCache(folder.parent, folder.name)
+    cache = EmbeddingCache(folder)
     rows, missing = [], []
     for p in paths:
         emb = cache.load(file_digest(p))

@@ -253,7 +253,7 @@ def run_evaluation(net: PromptableSAM, root: str | Path, out_dir: str | Path, se
     auto = AutoPredictor(predictor, settings.prompt, proposer) if settings.prompt.from_model else None
     cache = None  # only SAM-family encoders make cacheable embeddings (keyed by the encoder's weights)
     if settings.embedding_dir and takes_prompts(net):
-        cache = EmbeddingCache(settings.embedding_dir, net.encoder_fingerprint())
+        cache = EmbeddingCache.for_model(settings.embedding_dir, net)
     record_sets = collect_records(root, test_sets, limit_test, split_seed, generate_demo)
     unreadable_known = {}
     for recs in record_sets.values():

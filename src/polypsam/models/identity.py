@@ -7,12 +7,12 @@ checks that digest first and takes every other tensor from the model's own base 
 
 from __future__ import annotations
 
-import hashlib
+from collections.abc import Sequence
 
-import torch
 from torch import nn
 
 from polypsam.errors import CheckpointError
+from polypsam.models.frozen import tensor_digest
 from polypsam.models.lora import adapter_parameters
 
 
@@ -22,19 +22,16 @@ def base_weights_sha256(net: nn.Module) -> str:
     The same digest with or without adapters: peft keeps the adapted layer's own weights, in place.
     """
     skip = adapter_parameters(net)
-    h = hashlib.sha256()
-    for t in net.state_dict(keep_vars=True).values():
-        if id(t) in skip:
-            continue
-        t = t.detach().cpu().contiguous()
-        h.update(f"{tuple(t.shape)}{t.dtype}".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
+    return tensor_digest(t for t in net.state_dict(keep_vars=True).values() if id(t) not in skip)
 
 
-def trainable_state(module: nn.Module, state: dict) -> dict:
-    """The entries of ``module``'s ``state`` dict that belong to trainable parameters."""
+def trainable_state(module: nn.Module, state: dict, frozen_prefixes: Sequence[str] = ()) -> dict:
+    """The entries of ``module``'s ``state`` dict that belong to what trained: parameters with gradients and
+    the buffers outside the frozen parts (names of ``module``'s submodules), so that a loaded checkpoint is
+    the validated model (a trainable BatchNorm's statistics included)."""
     keep = {name for name, p in module.named_parameters() if p.requires_grad}
+    keep |= {name for name, _ in module.named_buffers()
+             if not any(name.startswith(f"{f}.") for f in frozen_prefixes)}
     return {k: v for k, v in state.items() if k in keep}
 
 

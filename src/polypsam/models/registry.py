@@ -192,14 +192,25 @@ def _build_tiny(pretrained: bool, checkpoint_dir=None) -> PromptableSAM:
         return _tiny_parts()
 
 
-def _tiny_parts() -> PromptableSAM:
+@register_model(ModelSpec("tiny_bn", 64, SAM_MEAN, SAM_STD, "mean_std", 8, 32,
+                          "tiny SAM whose image encoder starts with BatchNorm and dropout, as TinyViT (tests only)"))
+def _build_tiny_bn(pretrained: bool, checkpoint_dir=None) -> PromptableSAM:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        net = _tiny_parts(_SPECS["tiny_bn"])
+        # a stem whose output depends on the mode: batch statistics and dropout in train mode
+        net.image_encoder = nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3), nn.Dropout(0.2), net.image_encoder)
+        return net
+
+
+def _tiny_parts(spec: ModelSpec | None = None) -> PromptableSAM:
     encoder = ImageEncoderViT(img_size=64, patch_size=8, in_chans=3, embed_dim=32, depth=2, num_heads=2,
                               mlp_ratio=2, out_chans=32, qkv_bias=True, use_rel_pos=True, window_size=4,
                               global_attn_indexes=(1,))
     prompt = PromptEncoder(embed_dim=32, image_embedding_size=(8, 8), input_image_size=(64, 64), mask_in_chans=4)
     decoder = MaskDecoder(num_multimask_outputs=3, transformer_dim=32, iou_head_depth=2, iou_head_hidden_dim=32,
                           transformer=TwoWayTransformer(depth=2, embedding_dim=32, mlp_dim=64, num_heads=2))
-    return PromptableSAM(encoder, prompt, decoder, _SPECS["tiny"])
+    return PromptableSAM(encoder, prompt, decoder, spec or _SPECS["tiny"])
 
 
 # -- prompt-free baselines (segmentation-models-pytorch) ----------------------------------------------

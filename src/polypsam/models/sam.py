@@ -8,13 +8,13 @@ embedding per box and decodes all boxes of a batch in one pass.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from polypsam.models.frozen import tensor_digest
 from polypsam.models.mask_head import is_stock_upscaling, mask_logits_channels_last, mask_logits_stock
 
 
@@ -153,13 +153,9 @@ class PromptableSAM(nn.Module):
 
     # -- identity -------------------------------------------------------------------------------
     def encoder_fingerprint(self) -> str:
-        """A digest of the image encoder's weights and the preprocessing: the embedding-cache key."""
-        h = hashlib.sha256(self.spec.preprocessing_key().encode())
-        h.update(self.spec.name.encode())
-        for name, t in sorted(self.image_encoder.state_dict().items()):
-            h.update(name.encode())
-            h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-        return h.hexdigest()[:24]
+        """A digest of the image encoder's weights and buffers and the preprocessing (the embedding-cache key)."""
+        state = sorted(self.image_encoder.state_dict().items())
+        return tensor_digest((t for _, t in state), f"{self.spec.preprocessing_key()}{self.spec.name}")[:24]
 
 
 def normalize_canvas(images: torch.Tensor, input_hw: torch.Tensor, normalization: str, mean: torch.Tensor,
