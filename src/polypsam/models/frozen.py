@@ -30,8 +30,12 @@ def tensor_digest(tensors: Iterable[torch.Tensor], salt: str = "") -> str:
 
 
 def module_state(module: nn.Module) -> list[torch.Tensor]:
-    """Every parameter and buffer of ``module`` (non-persistent buffers included), in a fixed order."""
-    return [*module.parameters(), *module.buffers()]
+    """Every parameter and persistent buffer of ``module`` (its ``state_dict``), in a fixed order.
+
+    Non-persistent buffers are derived, not state: TinyViT's attention registers its bias table ``ab`` when
+    put in eval mode and deletes it in train mode.
+    """
+    return list(module.state_dict(keep_vars=True).values())
 
 
 class FrozenParts:
