@@ -31,6 +31,7 @@ from polypsam.study.figures import robustness_all, validation_curves
 from polypsam.study.report import (
     RowResult,
     detection_markdown,
+    errata_markdown,
     headline,
     paired_markdown,
     spread_markdown,
@@ -75,6 +76,15 @@ PAIRS = (("what fine-tuning buys", "dec_box", "zero_shot_box"),
          ("SAM against a U-Net", "dec_box", "unet_s42"),
          ("oracle box against automatic boxes (one checkpoint)", "dec_mixed_box", "dec_auto"),
          ("refining the proposals", "dec_auto", "dec_none"))
+# Rows trained before frozen parts were held in eval mode (issue 18): their old figures, kept for the errata
+ERRATA = OUT / "errata_before.csv"
+ERRATA_CAUSE = (
+    "Lightning 2.6 never calls `LightningModule.train()` during fit, so LiteMedSAM's \"frozen\" TinyViT encoder "
+    "ran with its 27 BatchNorm layers in train mode: training embeddings (and the cache entries made from them) "
+    "used batch statistics, the running statistics drifted, and `best.ckpt` stored a drifted encoder that the "
+    "test evaluation then used. Frozen parts are now put in eval mode before every training batch and "
+    "checked bit for bit (`polypsam.models.frozen`), and the embedding cache moved to format v2, so no old "
+    "entry is read.")
 DERIVED = {"dec_box": "the decoder-only box row, per-image mean over the seeds it has run",
            "dec_mixed_box": "the prompt-free checkpoint (`dec_mixed_s42`) given the oracle box"}
 
@@ -217,6 +227,12 @@ def write_report(done: list[tuple[Row, Path]]) -> None:
                   "seeds is called noise where rows of different training runs are compared. "
                   + "; ".join(f"`{k}`: {v}" for k, v in DERIVED.items() if k in per_image) + ".", "",
                   paired_markdown(pairs, spread, runs), ""]
+    if ERRATA.is_file():
+        parts += ["## Errata: rows rerun with frozen parts held frozen", "", ERRATA_CAUSE, "",
+                  errata_markdown(pd.read_csv(ERRATA), {n: r.summary for n, r in results.items()},
+                                  {r.name: r.label for r in ROWS}), "",
+                  "Old figures: the records of commit 19e0dc8 (`git show 19e0dc8:experiments/results/lite_cpu/"
+                  "rows/<row>/eval/summary.csv`); what changed in the conclusions is in the notes below.", ""]
     if "dec_auto" in results and results["dec_auto"].detection is not None:
         parts += ["## No box: what stage 1 proposed", "", detection_markdown(results["dec_auto"].detection), ""]
     parts += ["## Figures", "", "- [prompt robustness, every row](figures/robustness.png)",

@@ -103,6 +103,24 @@ def test_a_failing_rank_is_one_line_and_nothing_hangs(tmp_path):
     assert "Traceback" in (run / "ddp" / f"rank{launch['failed_rank']}.log").read_text()
 
 
+@pytest.mark.slow
+def test_every_rank_keeps_a_frozen_batchnorm_encoder_frozen(tmp_path):
+    """Decoder-only on tiny_bn over 2 gloo ranks: each rank runs the frozen-state guard at every checkpoint
+    and at the end of fit, and the checkpoint holds the encoder the run started from, bit for bit."""
+    import torch
+
+    from polypsam.models import build_model
+
+    run = tmp_path / "run"
+    proc = cli(*TINY_DDP, "model=tiny_bn", "strategy=dec", "scratch.max_epochs=2", f"paths.root_dir={tmp_path}",
+               f"hydra.run.dir={run}")
+    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    state = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+    fresh = build_model("tiny_bn").image_encoder.state_dict()
+    assert fresh and all(torch.equal(state[f"net.image_encoder.{k}"], v) for k, v in fresh.items())
+    assert int(fresh["1.num_batches_tracked"]) == 0
+
+
 def test_unused_parameters_under_ddp_are_a_clear_error_before_any_rank_starts(tmp_path):
     proc = cli(*TINY_DDP, "strategy.freeze_prompt_unused=false", f"paths.root_dir={tmp_path}",
                f"hydra.run.dir={tmp_path / 'run'}", timeout=120)

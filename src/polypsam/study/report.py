@@ -106,3 +106,20 @@ def detection_markdown(det: pd.DataFrame) -> str:
     return rep.markdown_table(["set", *[c.replace("_", " ") for c in cols]],
                               [[rep.SHORT_NAMES.get(r["dataset"], r["dataset"]), *[str(r[c]) for c in cols]]
                                for r in det.to_dict("records")])
+
+
+def errata_markdown(before: pd.DataFrame, after: dict[str, pd.DataFrame], labels: dict[str, str]) -> str:
+    """Old against new per-image Dice@0.5 of each row a defect invalidated; ``before``: the old records
+    (row, dataset, dice, best_val_dice, epochs, train_commit), ``after``: the rerun rows' summary tables."""
+    headers = ["row", "set", "old Dice@0.5", "new Dice@0.5", "new - old", "old best val Dice (epochs)",
+               "old commit"]
+    body = []
+    for r in before.to_dict("records"):
+        new = after.get(r["row"])
+        by = rep.summary_rows_by_set(new) if new is not None else {}
+        d = by.get(r["dataset"], {}).get("dice")
+        body.append([labels.get(r["row"], r["row"]), rep.SHORT_NAMES.get(r["dataset"], r["dataset"]),
+                     f"{r['dice']:.3f}", "rerun pending" if d is None else f"{d:.3f}",
+                     "–" if d is None else f"{d - r['dice']:+.3f}",
+                     f"{r['best_val_dice']:.3f} ({r['epochs']})", f"`{r['train_commit']}`"])
+    return rep.markdown_table(headers, body)
