@@ -24,7 +24,7 @@ from polypsam.models.sam import PromptableSAM
 from polypsam.runtime import onnxruntime_backend, openvino_backend
 from polypsam.runtime.encoder import EXACT_PRECISION, FrozenEncoder, GraphEncoder, TorchEncoder
 from polypsam.runtime.settings import RuntimeSettings
-from polypsam.runtime.store import EncoderStore
+from polypsam.runtime.store import EncoderStore, eval_mode
 
 log = logging.getLogger(__name__)
 
@@ -68,9 +68,9 @@ def resolve_runtime(runtime: str, precision: str, device: torch.device) -> tuple
         raise ConfigError(f"model.runtime={runtime} model.runtime_precision={precision}: these runtimes run on the "
                           f"CPU, and this run's device is {device}; keep model.runtime=auto with fp32 (torch on a "
                           "GPU) and reduce precision there with trainer.precision=bf16-mixed or precision=bf16.")
+    offers = {"torch": (EXACT_PRECISION,), **{name: r.precisions for name, r in RUNTIMES.items()}}
     offering = [name for name, r in RUNTIMES.items() if precision in r.precisions]
-    if runtime != "auto" and precision not in (RUNTIMES[runtime].precisions if runtime in RUNTIMES else
-                                               (EXACT_PRECISION,)):
+    if runtime != "auto" and precision not in offers[runtime]:
         raise ConfigError(f"model.runtime={runtime} does not offer model.runtime_precision={precision}; "
                           f"{', '.join(offering) or 'no runtime here'} does: set model.runtime accordingly, "
                           "or model.runtime_precision=fp32.")
@@ -110,9 +110,9 @@ def build_frozen_encoder(net: PromptableSAM, settings: RuntimeSettings, device: 
             raise ValueError(f"its embedding differs from torch's by {error:.2e} (relative; allowed "
                              f"{TOLERANCE[precision]:.0e} at {precision})")
     except Exception as exc:  # an exporter or runtime failure of any kind: torch gives the same masks
+        reason = (str(exc).strip().splitlines() or [""])[0][:200]
         log.warning("model.runtime=%s could not run the image encoder of model %s at %s (%s: %s); it runs in "
-                    "torch fp32", name, net.spec.name, precision, type(exc).__name__, str(exc).splitlines()[0][:200]
-                    if str(exc) else "")
+                    "torch fp32", name, net.spec.name, precision, type(exc).__name__, reason)
         return TorchEncoder(net)
     return encoder
 
@@ -122,13 +122,8 @@ def probe_error(net: PromptableSAM, encoder: GraphEncoder) -> float:
     s = net.spec.image_size
     canvas = torch.randint(0, 256, (1, 3, s, s), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
     hw = torch.tensor([[s, s * 3 // 4]])
-    image_encoder = net.image_encoder
-    was_training = image_encoder.training
-    image_encoder.eval()
-    try:
-        dev = net.pixel_mean.device
+    dev = net.pixel_mean.device
+    with eval_mode(net.image_encoder):
         want = TorchEncoder(net).encode(canvas.to(dev), hw.to(dev)).cpu()
-    finally:
-        image_encoder.train(was_training)
     got = encoder.encode(canvas, hw)
     return float((got - want).norm() / want.norm().clamp_min(1e-12))

@@ -13,9 +13,12 @@ from __future__ import annotations
 import hashlib
 import json
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from polypsam.data.io import atomic_write
 from polypsam.models.sam import PromptableSAM
@@ -30,6 +33,18 @@ def file_sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+@contextmanager
+def eval_mode(module: nn.Module) -> Iterator[None]:
+    """``module`` in eval mode (BatchNorm on its running statistics, as a frozen encoder runs), then as it was."""
+    modes = [(m, m.training) for m in module.modules()]  # each submodule's own: a frozen part may be in eval
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
 
 
 class EncoderStore:
@@ -64,16 +79,11 @@ class EncoderStore:
         """``torch.onnx.export`` of the image encoder on one normalised canvas, in eval mode."""
         encoder, s = self.net.image_encoder, self.net.spec.image_size
         example = torch.zeros(1, 3, s, s, device=self.net.pixel_mean.device)
-        was_training = encoder.training
-        encoder.eval()
-        try:
-            with warnings.catch_warnings(), torch.no_grad():
-                warnings.simplefilter("ignore")  # tracer and exporter notes on shapes fixed at batch 1
-                atomic_write(self.onnx, lambda f: torch.onnx.export(
-                    encoder, (example,), f, input_names=["pixels"], output_names=["embedding"],
-                    opset_version=OPSET, dynamo=False))
-        finally:
-            encoder.train(was_training)
+        with eval_mode(encoder), warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")  # tracer and exporter notes on shapes fixed at batch 1
+            atomic_write(self.onnx, lambda f: torch.onnx.export(
+                encoder, (example,), f, input_names=["pixels"], output_names=["embedding"],
+                opset_version=OPSET, dynamo=False))
 
     def checked_error(self, check: str) -> float | None:
         """The probe error recorded for ``check`` (runtime, precision and version), or None."""
