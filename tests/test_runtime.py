@@ -14,7 +14,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from polypsam.config import CONF_DIR, embedding_cache_from_cfg, frozen_encoder_from_cfg, model_from_cfg
-from polypsam.data.embedding_cache import file_digest
+from polypsam.data.embedding_cache import FORMAT, file_digest
 from polypsam.data.io import read_image
 from polypsam.errors import ConfigError
 from polypsam.evaluation import EvalSettings
@@ -156,7 +156,7 @@ def test_lite_openvino_fills_torchs_cache_folder_and_torch_reads_it(small_root, 
 
     fast = evaluate("openvino")
     assert fast.meta["encoder_runtime"] == "openvino fp32"
-    assert [d.name for d in cache.iterdir()] == [net.encoder_fingerprint()]
+    assert [d.name for d in (cache / FORMAT).iterdir()] == [net.encoder_fingerprint()]
     assert "(0 read, 6 written; fp16)" in fast.meta["embeddings"]
     slow = evaluate("torch")
     assert "(6 read, 0 written; fp16)" in slow.meta["embeddings"]
@@ -169,12 +169,12 @@ def test_training_fills_the_cache_through_the_runtime(small_root, tmp_path):
               f"paths.root_dir={tmp_path}", f"paths.cache_dir={tmp_path / 'store'}", "model.runtime=onnxruntime",
               f"data.embedding_cache.dir={cache}", "scratch.max_epochs=1", f"hydra.run.dir={tmp_path / 'run'}")
     net = build_model("tiny").eval()
-    assert [d.name for d in cache.iterdir()] == [net.encoder_fingerprint()]
+    assert [d.name for d in (cache / FORMAT).iterdir()] == [net.encoder_fingerprint()]
     assert list((tmp_path / "store" / "runtimes").glob("*/encoder.onnx"))
     meta = json.loads((tmp_path / "run" / "eval" / "meta.json").read_text())
     assert meta["encoder_runtime"] == "onnxruntime fp32"
     image = sorted((small_root / "TrainDataset" / "images").iterdir())[0]
     canvas, rz = preprocess(read_image(image), net.spec)
     want = TorchEncoder(net).encode(canvas[None], torch.tensor([rz.input_hw]))[0]
-    entry = torch.load(next(cache.glob(f"*/*/{file_digest(image)}.pt")), weights_only=True)
+    entry = torch.load(next(cache.glob(f"{FORMAT}/*/*/{file_digest(image)}.pt")), weights_only=True)
     assert rel(entry.float(), want) < 1e-3  # the fp16 rounding of the cache (2^-11), nothing more
