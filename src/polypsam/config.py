@@ -12,11 +12,13 @@ from omegaconf import DictConfig, OmegaConf
 from polypsam.data.demo import generate_demo_dataset
 from polypsam.data.embedding_cache import EmbeddingCache
 from polypsam.data.image_cache import ImageCache
-from polypsam.devices import AUTO_WORKERS_CAP, processes_per_node, resolve_num_workers
+from polypsam.devices import AUTO_WORKERS_CAP, accelerator_device, processes_per_node, resolve_num_workers
 from polypsam.errors import ConfigError
 from polypsam.models import build_model, takes_prompts
 from polypsam.models.sam import PromptableSAM
 from polypsam.prompts import PromptType, build_prompt, prompt_config
+from polypsam.runtime import FrozenEncoder, RuntimeSettings, build_frozen_encoder
+from polypsam.runtime.settings import without_runtime_keys
 
 log = logging.getLogger(__name__)
 
@@ -50,11 +52,22 @@ def model_from_cfg(mcfg: DictConfig, pretrained: bool | None = None, lora=None, 
         settings["pretrained"] = pretrained
     if lora is not None and OmegaConf.is_config(lora):
         lora = OmegaConf.to_container(lora, resolve=True)
-    return build_model(**{**settings, **overrides}, lora=lora)
+    return build_model(**without_runtime_keys({**settings, **overrides}), lora=lora)
 
 
-def embedding_cache_from_cfg(cfg: DictConfig, net: PromptableSAM) -> EmbeddingCache | None:
-    """The cache when it can be right: a SAM image encoder fully frozen and no augmentation."""
+def frozen_encoder_from_cfg(cfg: DictConfig, net: PromptableSAM) -> FrozenEncoder | None:
+    """The runtime of the frozen encoder's passes without gradients (``model.runtime``) on the trainer's device;
+    None when the encoder trains (enc_dec, LoRA) or the model is a prompt-free baseline."""
+    if not takes_prompts(net) or any(p.requires_grad for p in net.image_encoder.parameters()):
+        return None
+    device = accelerator_device(cfg.trainer.get("accelerator", "auto"))
+    return build_frozen_encoder(net, RuntimeSettings.from_cfg(cfg), device)
+
+
+def embedding_cache_from_cfg(cfg: DictConfig, net: PromptableSAM, encoder: FrozenEncoder | None = None
+                             ) -> EmbeddingCache | None:
+    """The cache when it can be right: a SAM image encoder fully frozen and no augmentation. Its folder is
+    ``encoder``'s model key (torch's fingerprint for exact runtimes, its own for reduced precision)."""
     want = cfg.data.get("embedding_cache", {}).get("enabled", "auto")
     if want is True and not takes_prompts(net):
         raise ConfigError(f"data.embedding_cache.enabled=true: model={net.spec.name} is a prompt-free baseline "
@@ -74,7 +87,8 @@ def embedding_cache_from_cfg(cfg: DictConfig, net: PromptableSAM) -> EmbeddingCa
         if resident:
             log.info("data.embedding_cache.resident ignored: the embedding cache is off for this run")
         return None
-    return EmbeddingCache.for_model(cfg.data.embedding_cache.dir, net, resident=resident)
+    key = encoder.model_key() if encoder is not None else None  # reduced precision: its own folder
+    return EmbeddingCache.for_model(cfg.data.embedding_cache.dir, net, resident=resident, model_key=key)
 
 
 def image_cache_from_cfg(cfg: DictConfig, image_size: int, resize_method: str = "pil_bilinear"

@@ -76,6 +76,14 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     return dev
 
 
+def accelerator_device(accelerator: str = "auto") -> torch.device:
+    """The device type a Lightning ``trainer.accelerator`` trains on here: cuda when asked or found, else cpu."""
+    accelerator = str(accelerator)
+    if accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("mps" if accelerator == "mps" else "cpu")
+
+
 def device_count(devices, accelerator: str = "auto") -> int:
     """Processes per node that Lightning will use for ``trainer.devices``."""
     if isinstance(devices, (list, tuple)) or OmegaConf.is_list(devices):

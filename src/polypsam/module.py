@@ -22,6 +22,7 @@ from polypsam.models.frozen import FrozenParts
 from polypsam.models.identity import base_weights_sha256, check_base, trainable_state, with_base_state
 from polypsam.models.lora import has_lora
 from polypsam.models.sam import PromptableSAM
+from polypsam.runtime import FrozenEncoder, TorchEncoder
 
 CHECKPOINT_KEY = "polypsam"
 
@@ -50,14 +51,16 @@ class PolypSAMModule(L.LightningModule):
                  betas: tuple[float, float] = (0.9, 0.999), warmup_fraction: float = 0.15,
                  warmup_start_factor: float = 0.125, min_lr_factor: float = 0.25,
                  frozen_modules: list[str] | None = None, embedding_cache: EmbeddingCache | None = None,
-                 run_config: dict | None = None):
+                 run_config: dict | None = None, frozen_encoder: FrozenEncoder | None = None):
         super().__init__()
-        self.save_hyperparameters(ignore=["net", "embedding_cache", "run_config"])
+        self.save_hyperparameters(ignore=["net", "embedding_cache", "run_config", "frozen_encoder"])
         self.net = net
         self.loss_fn = SegmentationLoss(loss)
         self.frozen_modules = list(frozen_modules or [])
         self.frozen = FrozenParts(self.frozen_modules)
         self.embedding_cache = embedding_cache
+        # the frozen encoder's no-grad passes (cache fill): torch, or model.runtime's (polypsam.runtime)
+        self.frozen_encoder = frozen_encoder or TorchEncoder(net)
         self.resident: dict[str, torch.Tensor] = {}  # image key -> fp16 embedding on the device
         self.run_config = run_config or {}
         # the reported metric: per-image Dice/IoU at the original resolution (metrics.dice_iou, as evaluate)
@@ -95,8 +98,7 @@ class PolypSAMModule(L.LightningModule):
         if emb is not None and bool(done.all()):
             return emb.float()
         todo = (~done).nonzero().flatten()
-        with torch.no_grad():
-            new = self.net.encode(batch.images[todo], batch.input_hw[todo])
+        new = self.frozen_encoder.encode(batch.images[todo], batch.input_hw[todo])
         if self.embedding_cache is not None:
             for j, t in enumerate(todo.tolist()):
                 self.embedding_cache.save(batch.keys[t], new[j])
@@ -120,8 +122,7 @@ class PolypSAMModule(L.LightningModule):
         todo = [i for i, key in enumerate(keys) if key not in store]
         if todo:
             idx = torch.tensor(todo, device=self.device)
-            with torch.no_grad():
-                new = self.net.encode(batch.images[idx], batch.input_hw[idx])
+            new = self.frozen_encoder.encode(batch.images[idx], batch.input_hw[idx])
             for j, i in enumerate(todo):
                 cache.save(keys[i], new[j])
                 store[keys[i]] = new[j].to(torch.float16)

@@ -30,6 +30,7 @@ from polypsam.evaluation.tasks import untrained_prompt_warning
 from polypsam.models.registry import available_models
 from polypsam.models.sam import PromptableSAM
 from polypsam.prediction import load_boxes_csv, plan_jobs, run_prediction
+from polypsam.runtime import RuntimeSettings
 
 __all__ = ["load_boxes_csv", "load_network", "plan_jobs", "predict", "run_prediction"]
 
@@ -69,6 +70,7 @@ def predict(cfg: DictConfig) -> dict:
         raise DataError(f"{cfg.input}: no image to predict (skipped: {reasons}); check that prompts name the "
                         "images by file stem.")
     net, identity, meta = load_network(cfg.get("ckpt_path"), cfg.get("model"))
+    runtime = RuntimeSettings.from_cfg(cfg, meta.get("config") if meta else None)  # model.runtime
     proposer = None
     if prompt.from_model and prompt.proposer:
         proposer, _, meta = load_network(prompt.proposer, None)
@@ -79,7 +81,8 @@ def predict(cfg: DictConfig) -> dict:
     summary = run_prediction(net, plan, out, identity, batch_size=int(cfg.batch_size),
                              num_workers=int(cfg.num_workers), device=cfg.device, precision=cfg.precision,
                              threshold=float(cfg.threshold), overlays=bool(cfg.overlays),
-                             progress=bool(cfg.get("progress", True)), prompt=prompt, proposer=proposer)
+                             progress=bool(cfg.get("progress", True)), prompt=prompt, proposer=proposer,
+                             runtime=runtime)
     for reason, files in plan.skipped.items():
         print(f"warning: skipped {len(files)} image(s), {reason.replace('_', ' ')}: {'; '.join(files[:5])}"
               f"{' ...' if len(files) > 5 else ''} (all in {out / 'summary.json'})", file=sys.stderr)

@@ -30,6 +30,7 @@ from polypsam.config import (
     datamodule_from_cfg,
     derive_accumulation,
     embedding_cache_from_cfg,
+    frozen_encoder_from_cfg,
     model_from_cfg,
     prompt_from_cfg,
 )
@@ -98,7 +99,8 @@ def train(cfg: DictConfig) -> dict:
         record_provenance(out)  # version, git commit, hardware: provenance.json, one entry per session
     unused = prompt.unused_parameters if cfg.strategy.get("freeze_prompt_unused", True) else ()
     frozen = freeze_strategy(net, cfg.strategy.freeze, unused)
-    cache = embedding_cache_from_cfg(cfg, net)
+    encoder = frozen_encoder_from_cfg(cfg, net)  # model.runtime: OpenVINO / ONNX Runtime on a CPU
+    cache = embedding_cache_from_cfg(cfg, net, encoder)
     # split.json and data_report.json are run files, written by global rank 0 only ("" = none)
     dm = datamodule_from_cfg(cfg, image_size=net.spec.image_size, embedding_cache=cache,
                              output_dir=str(out) if rank_zero_only.rank == 0 else "",
@@ -113,7 +115,7 @@ def train(cfg: DictConfig) -> dict:
     counts = parameter_counts(net)
     _print_parameters(counts, frozen, accum, effective, cfg)
 
-    module = PolypSAMModule(net, loss=cfg.loss, frozen_modules=frozen, embedding_cache=cache,
+    module = PolypSAMModule(net, loss=cfg.loss, frozen_modules=frozen, embedding_cache=cache, frozen_encoder=encoder,
                             run_config=resolved, **OmegaConf.to_container(cfg.optimizer, resolve=True))
     callbacks = _instantiate_dict(cfg.get("callbacks"))
     loggers = _instantiate_dict(cfg.get("logger"))

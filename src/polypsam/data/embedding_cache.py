@@ -76,10 +76,13 @@ class EmbeddingCache:
         self.writes = 0
 
     @classmethod
-    def for_model(cls, root: str | Path, net, resident: bool = False) -> EmbeddingCache:
-        """The cache of ``net``'s image encoder under ``root`` (``<root>/v2/<encoder fingerprint>``), guarded."""
+    def for_model(cls, root: str | Path, net, resident: bool = False, model_key: str | None = None
+                  ) -> EmbeddingCache:
+        """The cache of ``net``'s image encoder under ``root`` (``<root>/v2/<encoder fingerprint>``), guarded.
+        ``model_key``: another folder name for the same encoder, a reduced-precision runtime's
+        (``runtime.embedding_model_key``); exact runtimes share the fingerprint's folder."""
         key = net.encoder_fingerprint()
-        return cls(Path(root).expanduser() / FORMAT / key, resident, EncoderWriteGuard(net, key))
+        return cls(Path(root).expanduser() / FORMAT / (model_key or key), resident, EncoderWriteGuard(net, key))
 
     def path(self, image_key: str) -> Path:
         return self.dir / image_key[:2] / f"{image_key}.pt"

@@ -26,6 +26,7 @@ from polypsam.data.demo import generate_demo_dataset
 from polypsam.data.embedding_cache import EmbeddingCache, file_digest
 from polypsam.data.io import image_size as header_size
 from polypsam.data.io import size_mismatch
+from polypsam.devices import resolve_device
 from polypsam.errors import DataError
 from polypsam.evaluation.settings import FAILURE_SCORES, METRICS, EvalSettings
 from polypsam.inference import AutoPredictor, ImageItems, Prediction, Predictor, as_list
@@ -33,6 +34,7 @@ from polypsam.metrics import dice_iou, score_image, summarize
 from polypsam.models.registry import takes_prompts
 from polypsam.models.sam import PromptableSAM
 from polypsam.prompts import PromptSet, PromptType, prompt_config, seeded_rng
+from polypsam.runtime import build_frozen_encoder
 
 log = logging.getLogger("polypsam.evaluate")
 
@@ -249,11 +251,13 @@ def run_evaluation(net: PromptableSAM, root: str | Path, out_dir: str | Path, se
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
-    predictor = Predictor(net, settings.device)
+    device = resolve_device(settings.device)
+    encoder = build_frozen_encoder(net, settings.runtime, device) if takes_prompts(net) else None
+    predictor = Predictor(net, device, encoder=encoder)
     auto = AutoPredictor(predictor, settings.prompt, proposer) if settings.prompt.from_model else None
     cache = None  # only SAM-family encoders make cacheable embeddings (keyed by the encoder's weights)
-    if settings.embedding_dir and takes_prompts(net):
-        cache = EmbeddingCache.for_model(settings.embedding_dir, net)
+    if settings.embedding_dir and encoder is not None:
+        cache = EmbeddingCache.for_model(settings.embedding_dir, net, model_key=encoder.model_key())
     record_sets = collect_records(root, test_sets, limit_test, split_seed, generate_demo)
     unreadable_known = {}
     for recs in record_sets.values():
@@ -306,7 +310,7 @@ def run_evaluation(net: PromptableSAM, root: str | Path, out_dir: str | Path, se
             "prompt": {**prompt_config(p), "label": p.label(), "description": p.describe()},
             "companions": {name: COMPANIONS[name] for name in companions}, "robustness_noise": noise_levels,
             "embeddings": f"embedding cache {cache.dir} ({cache.hits} read, {cache.writes} written; fp16)" if cache
-            else "encoded", "compat_row_dice": settings.compat_row_dice, "threshold": settings.threshold,
+            else "encoded", "encoder_runtime": f"{predictor.encoder.runtime} {predictor.encoder.precision}", "compat_row_dice": settings.compat_row_dice, "threshold": settings.threshold,
             "limit_test": limit_test, "split_seed": split_seed, "device": str(predictor.device),
             "test_sets": {n: len(r) for n, r in record_sets.items()}, "n_images": len(per_image),
             "n_unreadable": int((per_image["status"] == "unreadable").sum()),

@@ -10,6 +10,7 @@ from omegaconf import OmegaConf
 from polypsam.devices import resolve_num_workers
 from polypsam.prompts import PromptType, build_prompt
 from polypsam.prompts.box import BoxPrompt
+from polypsam.runtime import RuntimeSettings
 
 METRICS = ("dice", "iou", "mean_dice", "mean_iou", "s_measure", "wf_measure", "mean_e_measure",
            "max_e_measure", "mae", "row_dice", "row_iou")
@@ -37,6 +38,7 @@ class EvalSettings:
     # a folder of embedding caches (``data.embedding_cache.dir``): images this network's frozen encoder has
     # seen are not encoded again (fp16, as training and validation read them); None: always encode
     embedding_dir: str | None = None
+    runtime: RuntimeSettings = field(default_factory=RuntimeSettings)  # the image encoder's (model.runtime)
 
     @property
     def sweep_prompt(self) -> PromptType | None:
@@ -72,4 +74,4 @@ def settings_from_cfg(cfg, num_workers: int | None = None, prompt: PromptType | 
         compat_row_dice=bool(cfg.get("compat_row_dice", False)), save_masks=bool(cfg.get("save_masks", True)),
         figures=bool(cfg.get("figures", True)), batch_size=int(cfg.get("batch_size", 4)),
         num_workers=int(num_workers), threshold=float(cfg.get("threshold", 0.5)),
-        device=str(cfg.get("device", "auto")), embedding_dir=embedding_dir)
+        device=str(cfg.get("device", "auto")), embedding_dir=embedding_dir, runtime=RuntimeSettings.from_cfg(cfg))

@@ -24,6 +24,7 @@ from polypsam.models.sam import PromptableSAM
 from polypsam.prompts import PromptType, build_prompt
 from polypsam.prompts.none import NonePrompt
 from polypsam.provenance import record as record_provenance
+from polypsam.runtime import RuntimeSettings
 
 log = logging.getLogger("polypsam.evaluate")
 
@@ -122,6 +123,7 @@ def evaluate(cfg) -> EvalResult:
     if ckpt:
         net, meta = load_model(ckpt, expected_model=model_cfg.name if model_cfg else None)
         identity = run_identity(meta, ckpt)
+        settings.runtime = RuntimeSettings.from_cfg(cfg, meta.get("config"))  # no model=: the run's runtime
     elif model_cfg:
         net = model_from_cfg(model_cfg)
         identity = {"model": model_cfg.name, "strategy": "zero-shot", "split": "none", "checkpoint": None}
@@ -166,6 +168,7 @@ def evaluate_after_training(cfg, best_checkpoint: str | Path, out_dir: str | Pat
     cache = cfg.data.get("embedding_cache") or {}
     if settings.embedding_dir is None and cache.get("enabled", "auto") not in (False, "false"):
         settings.embedding_dir = cache.get("dir")  # the training run's cache: test images may be in it
+    settings.runtime = RuntimeSettings.from_cfg(cfg)  # the training run's model.runtime and paths
     net, meta = load_model(best_checkpoint)
     run = next((lg.experiment for lg in (trainer.loggers if trainer is not None else [])
                 if isinstance(lg, WandbLogger)), None)

@@ -11,6 +11,7 @@ from polypsam.data.transforms import Resize, resize_image, to_original
 from polypsam.devices import autocast, resolve_device
 from polypsam.models.sam import ModelSpec, PromptableSAM
 from polypsam.prompts import PromptSet, collate_prompts
+from polypsam.runtime import FrozenEncoder, TorchEncoder
 
 
 @dataclass
@@ -49,12 +50,15 @@ class Predictor:
     """Batched inference with one network: ``encode`` once, ``decode`` any number of prompt sets.
 
     The network's ``spec`` fixes the preprocessing; ``device`` and ``precision`` follow ``polypsam.
-    devices``. Images without a prompt get an all-zero map.
+    devices``. Images without a prompt get an all-zero map. ``encoder``: the runtime of the image encoder
+    (``polypsam.runtime.build_frozen_encoder``); default torch's own, under ``precision``'s autocast.
     """
 
-    def __init__(self, net: PromptableSAM, device: str | torch.device | None = "auto", precision: str = "32"):
+    def __init__(self, net: PromptableSAM, device: str | torch.device | None = "auto", precision: str = "32",
+                 encoder: FrozenEncoder | None = None):
         self.device = resolve_device(device)
         self.net = net.to(self.device).eval()
+        self.encoder = encoder or TorchEncoder(self.net)
         self.precision = str(precision)
         autocast(self.device, self.precision)  # a bad precision fails here, before any image is read
 
@@ -67,7 +71,7 @@ class Predictor:
         """(B, 3, S, S) uint8 canvases -> (B, C, h, w) image embeddings on the device."""
         hw = torch.tensor([rz.input_hw for rz in resizes], device=self.device)
         with autocast(self.device, self.precision):
-            return self.net.encode(canvases.to(self.device, non_blocking=True), hw)
+            return self.encoder.encode(canvases.to(self.device, non_blocking=True), hw)
 
     @torch.inference_mode()
     def decode(self, embeddings: torch.Tensor, resizes: list[Resize], prompts: list[PromptSet]

@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader
 
 from polypsam.cli import one_line
 from polypsam.data.io import read_mask_report
+from polypsam.devices import resolve_device
 from polypsam.drawing import overlay
 from polypsam.errors import ConfigError
 from polypsam.inference import AutoPredictor, ImageItems, Prediction, Predictor, as_list
@@ -20,6 +21,7 @@ from polypsam.models.sam import PromptableSAM
 from polypsam.prediction.plan import Job, Plan
 from polypsam.progress import count_bar
 from polypsam.prompts import PromptType
+from polypsam.runtime import RuntimeSettings, build_frozen_encoder
 
 
 def _write_outputs(job: Job, out: Path, pred: Prediction, threshold: float, seconds: dict,
@@ -59,16 +61,18 @@ def run_prediction(net: PromptableSAM, plan: Plan, out_dir: str | Path, identity
                    batch_size: int = 8, num_workers: int = 0, device: str | torch.device = "auto",
                    precision: str = "32", threshold: float = 0.5, overlays: bool = True,
                    progress: bool = True, prompt: PromptType | None = None,
-                   proposer: PromptableSAM | None = None) -> dict:
+                   proposer: PromptableSAM | None = None, runtime: RuntimeSettings | None = None) -> dict:
     """Predict every job of ``plan`` in batches; writes the per-image files and ``summary.json``.
 
     ``prompt=auto`` (``prompt.from_model``) proposes each image's boxes with ``proposer`` (default: ``net``).
+    ``runtime``: the image encoder's runtime (``model.runtime``; default torch).
     """
     if batch_size < 1:
         raise ConfigError(f"batch_size={batch_size}: must be at least 1.")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    predictor = Predictor(net, device, precision)
+    device = resolve_device(device)
+    predictor = Predictor(net, device, precision, build_frozen_encoder(net, runtime or RuntimeSettings(), device))
     auto = AutoPredictor(predictor, prompt, proposer) if prompt is not None and prompt.from_model else None
     identity = dict(identity or {})
     items = ImageItems([j.image for j in plan.jobs], net.spec, keep_image=overlays)
@@ -108,7 +112,8 @@ def run_prediction(net: PromptableSAM, plan: Plan, out_dir: str | Path, identity
         **identity, "predicted": done, "skipped": {k: len(v) for k, v in plan.skipped.items()},
         "skipped_files": plan.skipped, "unused_prompts": plan.unused_prompts,
         "prompt_mask_nonbinary_pixels": int(sum(j.nonbinary_pixels for j in plan.jobs)),
-        "device": str(predictor.device), "precision": str(precision), "batch_size": batch_size,
+        "device": str(predictor.device), "precision": str(precision),
+        "encoder_runtime": f"{predictor.encoder.runtime} {predictor.encoder.precision}", "batch_size": batch_size,
         "threshold": threshold, "seconds": round(wall, 3), "seconds_per_image": round(wall / done, 4) if done else None,
         "model_seconds_per_image": round(model_seconds / done, 4) if done else None,
     }

@@ -1,0 +1,129 @@
+"""The runtimes and their choice: ``resolve_runtime`` picks one, ``build_frozen_encoder`` builds and checks it.
+
+``auto`` takes the first installed runtime of ``AUTO_ORDER`` that offers the precision asked for (the
+order is the measured speed of benchmarks/RESULTS.md). A missing package falls back to torch with one
+log line naming it; a runtime that fails to export, load or match torch on a probe canvas falls back to
+torch with one line naming the runtime and the model. Either way the masks are torch's, never silently
+different ones.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from polypsam.devices import usable_cpus
+from polypsam.errors import ConfigError
+from polypsam.models.sam import PromptableSAM
+from polypsam.runtime import onnxruntime_backend, openvino_backend
+from polypsam.runtime.encoder import EXACT_PRECISION, FrozenEncoder, GraphEncoder, TorchEncoder
+from polypsam.runtime.settings import RuntimeSettings
+from polypsam.runtime.store import EncoderStore, eval_mode
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = ("fp32", "bf16", "int8")
+# the largest relative error (Frobenius norm) of a runtime's embedding against torch's on the probe canvas
+TOLERANCE = {"fp32": 1e-4, "bf16": 0.1}
+
+
+@dataclass(frozen=True)
+class Runtime:
+    name: str
+    package: str  # the module it imports, and its pip package
+    precisions: tuple[str, ...]
+    load: Callable[[Path, str, int], Callable[[np.ndarray], np.ndarray]]  # (onnx file, precision, threads)
+    version: Callable[[], str]
+
+    def installed(self) -> bool:
+        return importlib.util.find_spec(self.package) is not None
+
+
+RUNTIMES = {r.name: r for r in (
+    Runtime("openvino", "openvino", ("fp32", "bf16"), openvino_backend.load, openvino_backend.version),
+    Runtime("onnxruntime", "onnxruntime", ("fp32",), onnxruntime_backend.load, onnxruntime_backend.version),
+)}
+AUTO_ORDER = ("openvino", "onnxruntime")  # fastest first, on the CPUs measured
+
+
+def available_runtimes() -> list[str]:
+    return ["torch", *(name for name, r in RUNTIMES.items() if r.installed())]
+
+
+def resolve_runtime(runtime: str, precision: str, device: torch.device) -> tuple[str, str]:
+    """(runtime, precision) to run: ``auto`` resolved, a missing package replaced by torch fp32 (logged)."""
+    if runtime not in ("auto", "torch", *RUNTIMES):
+        raise ConfigError(f"model.runtime={runtime}: choose auto, torch, {', '.join(RUNTIMES)}.")
+    if precision not in PRECISIONS:
+        raise ConfigError(f"model.runtime_precision={precision}: choose {', '.join(PRECISIONS)}.")
+    if device.type != "cpu":
+        if runtime in ("auto", "torch") and precision == EXACT_PRECISION:
+            return "torch", EXACT_PRECISION
+        raise ConfigError(f"model.runtime={runtime} model.runtime_precision={precision}: these runtimes run on the "
+                          f"CPU, and this run's device is {device}; keep model.runtime=auto with fp32 (torch on a "
+                          "GPU) and reduce precision there with trainer.precision=bf16-mixed or precision=bf16.")
+    offers = {"torch": (EXACT_PRECISION,), **{name: r.precisions for name, r in RUNTIMES.items()}}
+    offering = [name for name, r in RUNTIMES.items() if precision in r.precisions]
+    if runtime != "auto" and precision not in offers[runtime]:
+        raise ConfigError(f"model.runtime={runtime} does not offer model.runtime_precision={precision}; "
+                          f"{', '.join(offering) or 'no runtime here'} does: set model.runtime accordingly, "
+                          "or model.runtime_precision=fp32.")
+    if runtime == "torch":
+        return "torch", EXACT_PRECISION
+    names = [runtime] if runtime != "auto" else [n for n in AUTO_ORDER if precision in RUNTIMES[n].precisions]
+    if not names:
+        raise ConfigError(f"model.runtime_precision={precision}: no runtime offers it yet; use fp32 or bf16.")
+    for name in names:
+        if RUNTIMES[name].installed():
+            return name, precision
+    packages = " or ".join(RUNTIMES[n].package for n in names)
+    log.warning("model.runtime=%s: the package %s is not installed (pip install %s); the frozen encoder runs in "
+                "torch fp32", runtime, packages, RUNTIMES[names[0]].package)
+    return "torch", EXACT_PRECISION
+
+
+def build_frozen_encoder(net: PromptableSAM, settings: RuntimeSettings, device: torch.device) -> FrozenEncoder:
+    """The frozen encoder of ``net`` in the runtime ``settings`` ask for, exported once and checked against
+    torch on a probe canvas once per runtime version; torch where that fails (one log line). A prompt-free
+    baseline (no SAM image encoder) keeps torch."""
+    name, precision = resolve_runtime(settings.runtime, settings.precision, device)
+    if name == "torch" or not isinstance(net, PromptableSAM):
+        return TorchEncoder(net)
+    runtime = RUNTIMES[name]
+    try:
+        fingerprint = net.encoder_fingerprint()
+        store = EncoderStore(settings.store, net, fingerprint)
+        encoder = GraphEncoder(net, runtime.load(store.onnx_path(), precision, usable_cpus()), name, precision,
+                               fingerprint)
+        check = f"{name}-{runtime.version()}-{precision}"
+        error = store.checked_error(check)
+        if error is None:
+            error = probe_error(net, encoder)
+            store.record_check(check, error)
+        if not error <= TOLERANCE[precision]:
+            raise ValueError(f"its embedding differs from torch's by {error:.2e} (relative; allowed "
+                             f"{TOLERANCE[precision]:.0e} at {precision})")
+    except Exception as exc:  # an exporter or runtime failure of any kind: torch gives the same masks
+        reason = (str(exc).strip().splitlines() or [""])[0][:200]
+        log.warning("model.runtime=%s could not run the image encoder of model %s at %s (%s: %s); it runs in "
+                    "torch fp32", name, net.spec.name, precision, type(exc).__name__, reason)
+        return TorchEncoder(net)
+    return encoder
+
+
+def probe_error(net: PromptableSAM, encoder: GraphEncoder) -> float:
+    """Relative error of ``encoder`` against torch's encoder in eval mode on one seeded, partly padded canvas."""
+    s = net.spec.image_size
+    canvas = torch.randint(0, 256, (1, 3, s, s), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    hw = torch.tensor([[s, s * 3 // 4]])
+    dev = net.pixel_mean.device
+    with eval_mode(net.image_encoder):
+        want = TorchEncoder(net).encode(canvas.to(dev), hw.to(dev)).cpu()
+    got = encoder.encode(canvas, hw)
+    return float((got - want).norm() / want.norm().clamp_min(1e-12))
