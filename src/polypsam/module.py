@@ -70,6 +70,10 @@ class PolypSAMModule(L.LightningModule):
         self.base_sha256 = base_weights_sha256(net) if has_lora(net) else None
 
     # -- frozen parts: eval mode whenever they run, bit-identical state (models.frozen) ---------------
+    def setup(self, stage: str) -> None:
+        if stage == "fit":  # before Lightning's model summary, which counts the modes
+            self.frozen.set_training_modes(self.net)
+
     def on_fit_start(self) -> None:
         self.frozen.remember(self.net)  # after Lightning restored a checkpoint, if it resumes one
 
