@@ -257,7 +257,7 @@ class Stepper:
         net = build(case)
         frozen = freeze_strategy(net, STRATEGIES[case.strategy], BoxPrompt().unused_parameters)
         self.module = PolypSAMModule(net, loss="dice", frozen_modules=frozen).to(device)
-        self.module.train()
+        self.module.frozen.set_training_modes(net)  # as PolypSAMModule before every training batch
         self.opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-6)
         self.batch = make_batch(net.spec, case.batch, case.cache, device)
         self.dtype = amp_dtype(device)
@@ -528,7 +528,7 @@ def epoch_bench(model: str, data_root: Path, n_images: int, batch: int, device: 
     net = build_model(model, pretrained=False)
     frozen = freeze_strategy(net, STRATEGIES["dec"], BoxPrompt().unused_parameters)
     module = PolypSAMModule(net, loss="dice", frozen_modules=frozen).to(device)
-    module.train()
+    module.frozen.set_training_modes(net)  # what PolypSAMModule does before every training batch
     opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-6)
     dtype = amp_dtype(device)
 
