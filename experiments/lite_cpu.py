@@ -26,6 +26,7 @@ import pandas as pd
 from PIL import Image
 
 from polypsam import compare
+from polypsam.run_metrics import read_metrics
 from polypsam.study import paired_comparison, seed_mean, seed_spread, subset_means
 from polypsam.study.figures import robustness_all, validation_curves
 from polypsam.study.report import (
@@ -63,7 +64,9 @@ ROWS = (
     Row("lora_box_s42", "LoRA (encoder) + decoder, box", "lora_box_s42"),
     Row("dec_none", "decoder only, prompt-free (none)", "dec_mixed_s42"),
     Row("dec_auto", "decoder only, automatic (auto)", "dec_mixed_s42", ("prompt=auto",), "eval_auto"),
-    Row("unet_s42", "U-Net baseline (smp), no prompt", "unet_s42"),
+    Row("unet_s42", "U-Net baseline (smp), no prompt, 3 epochs (under-trained)", "unet_s42"),
+    Row("unet_conv_s42", "U-Net baseline (smp), no prompt, to convergence", "unet_conv_s42"),
+    Row("unetpp_conv_s42", "U-Net++ baseline (smp), no prompt, to convergence", "unetpp_conv_s42"),
 )
 SEEDS = ("dec_box_s42", "dec_box_s43", "dec_box_s44")
 # Comparisons name rows, or DERIVED per-image tables: "dec_box", the decoder-only box row as the per-image
@@ -73,7 +76,9 @@ PAIRS = (("what fine-tuning buys", "dec_box", "zero_shot_box"),
          ("specks in the paper box", "zero_shot_clean_box", "zero_shot_box"),
          ("jittered training boxes", "dec_jitter_s42", "dec_box"),
          ("LoRA against decoder only", "lora_box_s42", "dec_box"),
-         ("SAM against a U-Net", "dec_box", "unet_s42"),
+         ("SAM against a U-Net", "dec_box", "unet_conv_s42"),
+         ("no box: automatic boxes against a U-Net", "dec_auto", "unet_conv_s42"),
+         ("no box: automatic boxes against a U-Net++", "dec_auto", "unetpp_conv_s42"),
          ("oracle box against automatic boxes (one checkpoint)", "dec_mixed_box", "dec_auto"),
          ("refining the proposals", "dec_auto", "dec_none"))
 # Rows trained before frozen parts were held in eval mode (issue 18): their old figures, kept for the errata
@@ -148,9 +153,9 @@ def copy_records(row: Row, runs: Path) -> Path | None:
         for name in ("config_resolved.yaml", "split.json", "results.json", "provenance.json", "data_report.json"):
             if (run / name).is_file():
                 shutil.copy(run / name, dst / name)
-        if (run / "csv" / "metrics.csv").is_file():
+        for part in sorted((run / "csv").glob("metrics*.csv")):  # metrics.csv and the parts of earlier sessions
             (dst / "csv").mkdir(exist_ok=True)
-            shutil.copy(run / "csv" / "metrics.csv", dst / "csv" / "metrics.csv")
+            shutil.copy(part, dst / "csv" / part.name)
     return ev
 
 
@@ -189,7 +194,7 @@ def write_report(done: list[tuple[Row, Path]]) -> None:
     pairs = [(q, a, b, paired_comparison(per_image[a], per_image[b])) for q, a, b in PAIRS
              if a in per_image and b in per_image]
     runs = {r.name: r.job for r in ROWS} | {"dec_box": "+".join(SEEDS), "dec_mixed_box": "dec_mixed_s42"}
-    curves = {r.name: OUT / "rows" / r.name / "csv" / "metrics.csv" for r, _ in done
+    curves = {r.name: read_metrics(OUT / "rows" / r.name / "csv") for r, _ in done
               if (OUT / "rows" / r.name / "csv" / "metrics.csv").is_file() and r.eval_dir == "eval"}
     (OUT / "figures").mkdir(exist_ok=True)
     if curves:

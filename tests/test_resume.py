@@ -23,6 +23,7 @@ from polypsam.config import CONF_DIR
 from polypsam.data.sampler import EpochShuffleSampler
 from polypsam.errors import CheckpointError, ConfigError, PolypSamError, TrainingDiverged
 from polypsam.resume import resume_argv
+from polypsam.run_metrics import read_metrics
 from polypsam.train import train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -122,6 +123,11 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(work, baseline):
     started = yaml.safe_load((run / ".hydra" / "original_overrides.yaml").read_text())
     assert "+callbacks.fault.kind=sigkill" in started
     _assert_same_end(run, baseline)
+    # the epochs logged before the kill survive the resume (Lightning's CSVLogger would delete them)
+    assert (run / "csv" / "metrics.part0.csv").is_file()
+    got, want = (read_metrics(d / "csv").dropna(subset=["val/dice"]) for d in (run, baseline))
+    assert got[["epoch", "step"]].values.tolist() == want[["epoch", "step"]].values.tolist()
+    assert got["val/dice"].tolist() == pytest.approx(want["val/dice"].tolist(), abs=TOL)
 
 
 def test_sigterm_saves_last_then_ckpt_path_last_resumes(work, baseline):

@@ -17,6 +17,7 @@ import hydra
 import lightning as L
 import torch
 from hydra.utils import instantiate
+from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 from rich.console import Console
@@ -43,6 +44,7 @@ from polypsam.models.registry import takes_prompts
 from polypsam.module import PolypSAMModule
 from polypsam.provenance import record as record_provenance
 from polypsam.resume import resume_argv
+from polypsam.run_metrics import keep_earlier_metrics
 
 log = logging.getLogger("polypsam.train")
 
@@ -119,6 +121,10 @@ def train(cfg: DictConfig) -> dict:
                             run_config=resolved, **OmegaConf.to_container(cfg.optimizer, resolve=True))
     callbacks = _instantiate_dict(cfg.get("callbacks"))
     loggers = _instantiate_dict(cfg.get("logger"))
+    if cfg.get("ckpt_path") is not None and rank_zero_only.rank == 0:
+        for lg in loggers:  # Lightning's CSVLogger would delete the epochs logged before the resume
+            if isinstance(lg, CSVLogger):
+                keep_earlier_metrics(lg.log_dir)
     # checkpoints are written atomically: a kill during a save keeps the previous last.ckpt
     plugins = with_atomic_checkpoints([instantiate(p) for p in (cfg.trainer.get("plugins") or [])])
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers,

@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pandas as pd
 from matplotlib.figure import Figure
 
 from polypsam import reporting as rep
 
 
-def validation_curves(metrics_files: dict[str, Path]) -> Figure:
-    """Validation Dice against epochs completed (0: before training, the zero-shot value), one line per row."""
+def validation_curves(metrics: dict[str, pd.DataFrame]) -> Figure:
+    """Validation Dice against epochs completed (0: before training, the zero-shot value), one line per row;
+    ``metrics``: each row's logged history (``polypsam.run_metrics.read_metrics``)."""
     fig = Figure(figsize=(6.4, 4.0), dpi=110)
     ax = fig.subplots()
-    for name, path in metrics_files.items():
-        m = pd.read_csv(path)
+    for name, m in metrics.items():
         v = m[m["val/dice"].notna()][["epoch", "step", "val/dice"]]
         if v.empty:
             continue
