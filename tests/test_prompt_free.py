@@ -186,6 +186,19 @@ def test_auto_reports_its_stages_and_detection_counts(auto_eval):
     assert "## Detection" in md and (out / "robustness.png").is_file()
 
 
+def test_a_frame_with_nothing_kept_stays_a_recorded_miss(tmp_path):
+    """keep=clear and a final score no proposal reaches: every frame is still a row, scored with an empty mask."""
+    root = make_root(tmp_path / "root")
+    strict = AutoPrompt(threshold=0.5, min_score=0.0, min_area=0.0, score="agreement", keep="clear", final_score=1.0)
+    res = evaluate_model(_tiny(), root, tmp_path / "ev", EvalSettings(prompt=strict, noise=(), device="cpu",
+                         figures=False, save_masks=False), verbose=False)
+    ok = res.per_image[res.per_image["status"] == "ok"]
+    assert len(res.per_image) == 8 and (ok["n_prompts"] == 0).all()
+    det = res.detection.set_index("dataset")
+    assert (det["missed"] == det["with_polyp"]).all() and det["correct_rejections"].sum() == 1
+    assert ok[ok["image"] == "c1_empty"]["dice"].tolist() == [1.0] and (ok[ok["image"] != "c1_empty"]["dice"] == 0).all()
+
+
 def test_auto_refines_exactly_the_boxes_it_records(auto_eval):
     """Decoding the recorded proposals with the box prompt gives the auto mask: stage 2 is the box path."""
     root, res = auto_eval

@@ -30,6 +30,7 @@ from polypsam.evaluation.tasks import untrained_prompt_warning
 from polypsam.models.registry import available_models
 from polypsam.models.sam import PromptableSAM
 from polypsam.prediction import load_boxes_csv, plan_jobs, run_prediction
+from polypsam.prompts import auto_settings
 from polypsam.runtime import RuntimeSettings
 
 __all__ = ["load_boxes_csv", "load_network", "plan_jobs", "predict", "run_prediction"]
@@ -71,6 +72,9 @@ def predict(cfg: DictConfig) -> dict:
                         "images by file stem.")
     net, identity, meta = load_network(cfg.get("ckpt_path"), cfg.get("model"))
     runtime = RuntimeSettings.from_cfg(cfg, meta.get("config") if meta else None)  # model.runtime
+    prompt, chosen = auto_settings.resolve(prompt, identity["checkpoint"], net.spec)  # <ckpt>.auto.json
+    if chosen:
+        identity["auto_settings"] = chosen
     proposer = None
     if prompt.from_model and prompt.proposer:
         proposer, _, meta = load_network(prompt.proposer, None)

@@ -29,7 +29,7 @@ from polypsam.prompts import PromptType, build_prompt
 log = logging.getLogger(__name__)
 
 
-def _records(root: Path, folder: str) -> list[Record]:
+def folder_records(root: Path, folder: str) -> list[Record]:
     d = root / folder
     pairs = find_pairs(d / "images", d / "masks")
     source = Path(folder).name
@@ -102,7 +102,7 @@ class PolypDataModule(L.LightningDataModule):
             self._setup_test()
 
     def _setup_fit(self) -> None:
-        records = [r for d in self.train_dirs for r in _records(self.root, d)]
+        records = [r for d in self.train_dirs for r in folder_records(self.root, d)]
         by_rel = {r.relpath: r for r in records}
         if self.split_file:
             split = read_split(self.split_file, set(by_rel))
@@ -176,7 +176,7 @@ class PolypDataModule(L.LightningDataModule):
         if unknown:
             raise DataError(f"{self.root / 'TestDataset'}: test sets {unknown} not found; present: {list(found)}.")
         for n in names:
-            recs = _records(self.root, f"TestDataset/{n}")
+            recs = folder_records(self.root, f"TestDataset/{n}")
             chosen = {r.relpath for r in recs}
             chosen = set(_subsample(sorted(chosen), self.limits["test"], self.split_seed + 2))
             recs = [r for r in recs if r.relpath in chosen]

@@ -75,5 +75,10 @@ def split_digest(path: str | Path) -> str:
     differ in metadata (``source`` names where each run read it from), so the file's own sha256 would
     tell a reader the splits differ when they do not.
     """
-    lists = {k: sorted(v) for k, v in _lists(Path(path)).items()}
+    return membership_digest(_lists(Path(path)))
+
+
+def membership_digest(split: dict[str, list[str]]) -> str:
+    """``split_digest`` of train and val lists in memory (a split generated, not read from a file)."""
+    lists = {k: sorted(split[k]) for k in ("train", "val")}
     return hashlib.sha256(json.dumps(lists, separators=(",", ":")).encode()).hexdigest()

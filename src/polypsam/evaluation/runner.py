@@ -137,7 +137,7 @@ def _row(set_name: str, rec: Record, it: dict, pred: Prediction, threshold: floa
             "mask_path": str(rec.mask)}
 
 
-def _detection(pred: Prediction, mask: np.ndarray) -> dict:
+def detection_row(pred: Prediction, mask: np.ndarray) -> dict:
     """Proposals of one frame against its ground truth: a proposal touches a polyp when its box holds a
     foreground pixel."""
     boxes = pred.prompts.boxes if pred.prompts.boxes is not None else np.zeros((0, 4))
@@ -147,7 +147,7 @@ def _detection(pred: Prediction, mask: np.ndarray) -> dict:
             "proposal_scores": ";".join(f"{v:.3f}" for v in scores)}
 
 
-def _embeddings(predictor: Predictor, cache: EmbeddingCache | None, ok: list[dict], recs: list[Record]
+def batch_embeddings(predictor: Predictor, cache: EmbeddingCache | None, ok: list[dict], recs: list[Record]
                 ) -> torch.Tensor:
     """Embeddings from the cache where this encoder already made them; the rest encoded (and stored)."""
     canvases, resizes = torch.stack([it["canvas"] for it in ok]), [it["resize"] for it in ok]
@@ -171,7 +171,7 @@ def _evaluate_batch(predictor: Predictor, auto: AutoPredictor | None, ok: list[d
     prompt = settings.prompt
     resizes = [it["resize"] for it in ok]
     keys = [f"{set_name}/{recs[it['index']].name}" for it in ok]
-    emb = _embeddings(predictor, cache, ok, recs)
+    emb = batch_embeddings(predictor, cache, ok, recs)
     main, companions = _decode(predictor, auto, emb, ok, keys, prompt)
     sweep: dict[float, list[float]] = {}
     swept = settings.sweep_prompt
@@ -195,7 +195,7 @@ def _evaluate_batch(predictor: Predictor, auto: AutoPredictor | None, ok: list[d
             Image.fromarray(binary.astype(np.uint8) * 255).save(out / rel_mask)
         preds[(set_name, rec.name)] = (np.packbits(binary), binary.shape)
         rows.append({**_row(set_name, rec, it, pred, settings.threshold), "pred_mask": rel_mask,
-                     **(_detection(pred, it["mask"]) if auto is not None else {}),
+                     **(detection_row(pred, it["mask"]) if auto is not None else {}),
                      **{f"dice_noise_{n:g}": sweep[n][j] for n in settings.noise_levels}})
     extra = {name: [_row(set_name, recs[it["index"]], it, p, settings.threshold) for it, p in zip(ok, ps)]
              for name, ps in companions.items()}
@@ -240,6 +240,19 @@ def label(identity: dict) -> str:
     return f"{identity['model']} {identity['strategy']} ({identity.get('split', '?')})"
 
 
+def inference_parts(net: PromptableSAM, settings: EvalSettings, proposer: PromptableSAM | None = None
+                    ) -> tuple[Predictor, AutoPredictor | None, EmbeddingCache | None]:
+    """The predictor on the settings' device and encoder runtime, ``prompt=auto``'s two stages, the cache."""
+    device = resolve_device(settings.device)
+    encoder = build_frozen_encoder(net, settings.runtime, device) if takes_prompts(net) else None
+    predictor = Predictor(net, device, encoder=encoder)
+    auto = AutoPredictor(predictor, settings.prompt, proposer) if settings.prompt.from_model else None
+    cache = None  # only SAM-family encoders make cacheable embeddings (keyed by the encoder's weights)
+    if settings.embedding_dir and encoder is not None:
+        cache = EmbeddingCache.for_model(settings.embedding_dir, net, model_key=encoder.model_key())
+    return predictor, auto, cache
+
+
 def run_evaluation(net: PromptableSAM, root: str | Path, out_dir: str | Path, settings: EvalSettings,
                    test_sets=None, limit_test: int | None = None, split_seed: int = 42,
                    identity: dict | None = None, generate_demo: bool = False, verbose: bool = True,
@@ -251,13 +264,7 @@ def run_evaluation(net: PromptableSAM, root: str | Path, out_dir: str | Path, se
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
-    device = resolve_device(settings.device)
-    encoder = build_frozen_encoder(net, settings.runtime, device) if takes_prompts(net) else None
-    predictor = Predictor(net, device, encoder=encoder)
-    auto = AutoPredictor(predictor, settings.prompt, proposer) if settings.prompt.from_model else None
-    cache = None  # only SAM-family encoders make cacheable embeddings (keyed by the encoder's weights)
-    if settings.embedding_dir and encoder is not None:
-        cache = EmbeddingCache.for_model(settings.embedding_dir, net, model_key=encoder.model_key())
+    predictor, auto, cache = inference_parts(net, settings, proposer)
     record_sets = collect_records(root, test_sets, limit_test, split_seed, generate_demo)
     unreadable_known = {}
     for recs in record_sets.values():

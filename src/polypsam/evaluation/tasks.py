@@ -21,7 +21,7 @@ from polypsam.evaluation.settings import EvalSettings, settings_from_cfg
 from polypsam.models import available_models
 from polypsam.models.registry import takes_prompts
 from polypsam.models.sam import PromptableSAM
-from polypsam.prompts import PromptType, build_prompt
+from polypsam.prompts import PromptType, auto_settings, build_prompt
 from polypsam.prompts.none import NonePrompt
 from polypsam.provenance import record as record_provenance
 from polypsam.runtime import RuntimeSettings
@@ -134,6 +134,9 @@ def evaluate(cfg) -> EvalResult:
         log.warning("model=%s is a prompt-free baseline: prompt=%s does not apply, it is evaluated with "
                     "prompt=none", net.spec.name, settings.prompt.name)
         settings.prompt = NonePrompt()
+    settings.prompt, chosen = auto_settings.resolve(settings.prompt, ckpt, net.spec)  # <ckpt>.auto.json
+    if chosen:
+        identity["auto_settings"] = chosen
     proposer, first_meta = None, meta if ckpt else None
     if settings.prompt.from_model and settings.prompt.proposer:
         proposer, first_meta = load_model(settings.prompt.proposer)

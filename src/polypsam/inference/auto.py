@@ -1,31 +1,92 @@
 """``prompt=auto``: two passes of the same inference path, no human in the loop.
 
-Stage 1 decodes the empty prompt (``prompt=none``); ``AutoPrompt.propose`` turns its confident
-components into padded boxes; stage 2 decodes those boxes and merges their masks (max of logits). A
-frame where stage 1 proposes nothing is a miss: its mask is empty, and it is counted, never dropped.
+Stage 1 decodes the empty prompt (``prompt=none``); ``AutoPrompt.proposals`` turns its confident
+components into padded boxes; stage 2 scores them (some scores decode each box on its own), keeps some
+(``AutoPrompt.kept``) and decodes the kept boxes together, their masks merged (max of logits). A frame
+left with no box is a miss: its mask is empty, and it is counted, never dropped.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from polypsam.data.transforms import Resize
 from polypsam.errors import ConfigError
 from polypsam.inference.predictor import Prediction, Predictor
+from polypsam.metrics import dice_iou
 from polypsam.models.sam import PromptableSAM
 from polypsam.prompts import PromptSet
-from polypsam.prompts.auto import AutoPrompt
+from polypsam.prompts.auto import AutoPrompt, Components, Proposals
+
+MASK_THRESHOLD = 0.5  # a proposal's own stage-2 mask, for the agreement score
 
 
 @dataclass
 class AutoPrediction:
-    """refined: stage 2 per image (its prompts are the proposed boxes with their scores; no box: a miss).
+    """refined: stage 2 per image (its prompts are the kept boxes with their scores; no box: a miss).
     proposal: stage 1 per image, the prompt-free prediction the boxes came from."""
 
     refined: list[Prediction]
     proposal: list[Prediction]
+
+
+class AutoBatch:
+    """One batch between the stages: the stage-1 maps, the refiner's embeddings, and what stage 2 has
+    computed (components per threshold, decoded box sets, proposal scores), each once however many
+    settings ask for it (``refine`` once per setting: the selection command's grid)."""
+
+    def __init__(self, refiner: Predictor, embeddings: torch.Tensor, resizes: list[Resize],
+                 proposal: list[Prediction]):
+        self.refiner, self.embeddings, self.resizes, self.proposal = refiner, embeddings, resizes, proposal
+        self._components: dict[tuple[int, float], Components] = {}
+        self._decoded: dict[tuple[int, bytes], Prediction] = {}
+        self._parts: dict[tuple[int, float, int, bytes], tuple[float, float]] = {}
+
+    def components(self, j: int, prompt: AutoPrompt) -> Components:
+        key = (j, prompt.threshold)
+        if key not in self._components:
+            self._components[key] = prompt.components(self.proposal[j].prob)
+        return self._components[key]
+
+    def decode(self, requests: list[tuple[int, np.ndarray]]) -> list[Prediction]:
+        """Stage-2 predictions of (image, boxes) pairs; the sets not seen before decode in one batch."""
+        keys = [(j, np.ascontiguousarray(b, np.float32).tobytes()) for j, b in requests]
+        todo = {k: (j, b) for k, (j, b) in zip(keys, requests) if k not in self._decoded}
+        if todo:
+            index = torch.tensor([j for j, _ in todo.values()], device=self.embeddings.device)
+            preds = self.refiner.decode(self.embeddings.index_select(0, index), [self.resizes[j] for j, _ in todo.values()],
+                                        [PromptSet(boxes=b) for _, b in todo.values()])
+            self._decoded.update(zip(todo, preds))
+        return [self._decoded[k] for k in keys]
+
+    def _score_parts(self, j: int, prompt: AutoPrompt, comps: Components, props: Proposals
+                     ) -> tuple[np.ndarray, np.ndarray]:
+        """Per proposal: IoU of its own stage-2 mask with its component, and SAM's predicted IoU."""
+        keys = [(j, prompt.threshold, int(i), b.tobytes()) for i, b in zip(props.ids, props.boxes)]
+        if any(k not in self._parts for k in keys):
+            alone = self.decode([(j, b[None]) for b in props.boxes])  # each box on its own
+            for k, i, pred in zip(keys, props.ids, alone):
+                self._parts[k] = (dice_iou(pred.prob > MASK_THRESHOLD, comps.labels == i)[1], float(pred.iou[0]))
+        parts = np.asarray([self._parts[k] for k in keys], np.float32).reshape(-1, 2)
+        return parts[:, 0], parts[:, 1]
+
+    def refine(self, prompt: AutoPrompt) -> list[Prediction]:
+        """Stage 2 under ``prompt``'s settings: per image the kept boxes, their scores and merged mask."""
+        picks = []
+        for j in range(len(self.proposal)):
+            comps = self.components(j, prompt)
+            props = prompt.proposals(comps)
+            agreement = iou = None
+            if prompt.scores_after_refinement and len(props.ids):
+                agreement, iou = self._score_parts(j, prompt, comps, props)
+            scores = prompt.combine(props.mean_prob, agreement, iou) if len(props.ids) else props.mean_prob
+            keep = prompt.kept(scores)
+            picks.append((props.boxes[keep], scores[keep]))
+        merged = self.decode([(j, boxes) for j, (boxes, _) in enumerate(picks)])
+        return [Prediction(m.prob, PromptSet(boxes=b, scores=s), m.iou) for m, (b, s) in zip(merged, picks)]
 
 
 class AutoPredictor:
@@ -53,17 +114,22 @@ class AutoPredictor:
     def spec(self):
         return self.refiner.spec
 
-    def decode(self, embeddings: torch.Tensor, resizes: list[Resize], canvases: torch.Tensor | None = None
-               ) -> AutoPrediction:
-        """Both stages from the refiner's embeddings (and the canvases when the proposer has its own encoder)."""
+    def stage1(self, embeddings: torch.Tensor, resizes: list[Resize], canvases: torch.Tensor | None = None
+               ) -> AutoBatch:
+        """Stage 1 from the refiner's embeddings (and the canvases when the proposer has its own encoder)."""
         first_emb = embeddings
         if not self.shared_encoder:
             if canvases is None:
-                raise ValueError("AutoPredictor.decode: a proposer with its own encoder needs the canvases")
+                raise ValueError("AutoPredictor.stage1: a proposer with its own encoder needs the canvases")
             first_emb = self.proposer.encode(canvases, resizes)
         proposal = self.proposer.decode(first_emb, resizes, [PromptSet(empty=True) for _ in resizes])
-        boxes = [self.prompt.propose(p.prob) for p in proposal]
-        return AutoPrediction(self.refiner.decode(embeddings, resizes, boxes), proposal)
+        return AutoBatch(self.refiner, embeddings, resizes, proposal)
+
+    def decode(self, embeddings: torch.Tensor, resizes: list[Resize], canvases: torch.Tensor | None = None
+               ) -> AutoPrediction:
+        """Both stages under this predictor's settings."""
+        batch = self.stage1(embeddings, resizes, canvases)
+        return AutoPrediction(batch.refine(self.prompt), batch.proposal)
 
     def predict(self, canvases: torch.Tensor, resizes: list[Resize]) -> AutoPrediction:
         return self.decode(self.refiner.encode(canvases, resizes), resizes, canvases)

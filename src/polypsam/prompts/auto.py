@@ -1,7 +1,8 @@
 """Automatic prompts, two stages: a prompt-free pass proposes boxes, a box-prompted pass refines each.
 
-This module holds the settings and the proposal geometry (probability map -> boxes with scores);
-``inference.AutoPredictor`` runs the two passes.
+This module holds the settings, the proposal geometry (probability map -> components -> padded boxes)
+and the keeping rule on scores; ``inference.auto`` runs the two passes and computes the scores that need
+stage 2's masks.
 """
 
 from __future__ import annotations
@@ -18,6 +19,31 @@ from polypsam.prompts.box import BoxPrompt
 
 _CANNOT_TRAIN = ("prompt=auto proposes its boxes with the network, not from a mask, so it cannot train: "
                  "train with prompt=mixed (or prompt=none), then evaluate or predict with prompt=auto.")
+SCORES = ("mean_prob", "agreement", "prob_x_agreement", "iou_head")
+KEEPS = ("all", "clear")
+# the settings a selection file (python -m polypsam.select_auto) carries: all but where they come from
+TUNED = ("threshold", "min_score", "min_area", "margin", "margin_px", "max_boxes", "score", "keep",
+         "clear_margin", "final_score")
+
+
+@dataclass(frozen=True)
+class Components:
+    """Stage-1 foreground components of one frame at one threshold: ``labels`` (H, W) int32, 0 the
+    background; per label, ``stats`` (x, y, w, h, area) as OpenCV gives them and its mean probability."""
+
+    labels: np.ndarray
+    stats: np.ndarray
+    mean_prob: np.ndarray
+
+
+@dataclass(frozen=True)
+class Proposals:
+    """The proposals of one frame, best mean probability first: component ``ids`` (labels), padded
+    ``boxes`` (K, 4) in original pixels (SAM's inclusive XYXY) and ``mean_prob`` (K,)."""
+
+    ids: np.ndarray
+    boxes: np.ndarray
+    mean_prob: np.ndarray
 
 
 @register_prompt("auto")
@@ -25,22 +51,38 @@ _CANNOT_TRAIN = ("prompt=auto proposes its boxes with the network, not from a ma
 class AutoPrompt(PromptType):
     """proposer: a checkpoint for stage 1 (its model and preprocessing must equal the refiner's); None:
     the evaluated or predicted network proposes for itself.
+    settings: a file of settings chosen on validation (``python -m polypsam.select_auto``) that replaces
+      the ones below; auto: ``<checkpoint stem>.auto.json`` beside the checkpoint when there is one; None:
+      these settings as they are. A ``prompt.<key>=`` given on the command line wins over the file.
 
     threshold: stage-1 probability above which a pixel is foreground.
     min_score: a component is proposed when its mean stage-1 probability reaches this.
     min_area: ... and when it covers at least this fraction of the frame (specular highlights are small).
     margin / margin_px: each side of a proposed box moves out by margin x its side + margin_px, because
       a box-prompted SAM expects a box around the polyp, not inside it.
-    max_boxes: proposals kept per frame, highest score first.
+    max_boxes: proposals per frame (best mean probability first); stage 2 scores these.
+    score: how a proposal is ranked and kept. mean_prob: its mean stage-1 probability; agreement: IoU of
+      its stage-2 mask (its box alone, thresholded at 0.5) with the stage-1 component it came from (a
+      highlight's box grows into something else); prob_x_agreement: the product; iou_head: SAM's
+      predicted IoU of its stage-2 mask. All but mean_prob decode each proposal on its own first.
+    keep: all: every proposal (up to max_boxes); clear: the best alone when its score exceeds the
+      runner-up's by clear_margin or more (most frames hold one polyp), else all.
+    final_score: after scoring, proposals under this score are dropped (0: none); a frame left with
+      none is a miss, recorded with an empty mask.
     """
 
     proposer: str | None = None
+    settings: str | None = "auto"
     threshold: float = 0.5
     min_score: float = 0.6
     min_area: float = 0.002
     margin: float = 0.1
     margin_px: float = 4.0
     max_boxes: int = 3
+    score: str = "mean_prob"
+    keep: str = "all"
+    clear_margin: float = 0.2
+    final_score: float = 0.0
     seed: int = 0
     from_model: ClassVar[bool] = True
 
@@ -52,6 +94,12 @@ class AutoPrompt(PromptType):
         if self.margin < 0 or self.margin_px < 0 or self.max_boxes < 1:
             raise ConfigError(f"prompt=auto: margin={self.margin} and margin_px={self.margin_px} must be >= 0 "
                               f"and max_boxes={self.max_boxes} >= 1.")
+        if self.score not in SCORES or self.keep not in KEEPS:
+            raise ConfigError(f"prompt=auto: score={self.score!r} and keep={self.keep!r}: choose score from "
+                              f"{', '.join(SCORES)} and keep from {', '.join(KEEPS)}.")
+        if not (0 <= self.clear_margin <= 1 and 0 <= self.final_score <= 1):
+            raise ConfigError(f"prompt=auto: clear_margin={self.clear_margin} and final_score={self.final_score} "
+                              "must lie in [0, 1] (scores are fractions).")
 
     @property
     def prompt_free(self) -> bool:
@@ -73,32 +121,59 @@ class AutoPrompt(PromptType):
     def unused_parameters(self) -> tuple[str, ...]:
         raise ConfigError(_CANNOT_TRAIN)
 
-    def propose(self, prob: np.ndarray) -> PromptSet:
-        """Boxes (original pixels, SAM's inclusive XYXY) and scores from a stage-1 probability map."""
-        h, w = prob.shape
+    # -- stage 1: geometry -------------------------------------------------------------------------
+    def components(self, prob: np.ndarray) -> Components:
         n, labels, stats, _ = cv2.connectedComponentsWithStats((prob > self.threshold).astype(np.uint8),
                                                                connectivity=8)
-        found = []
-        for i in range(1, n):
-            x, y, bw, bh, area = stats[i]
-            if area < self.min_area * h * w:
-                continue
-            score = float(prob[labels == i].mean())
-            if score < self.min_score:
-                continue
-            px, py = self.margin * bw + self.margin_px, self.margin * bh + self.margin_px
-            found.append((score, [max(0.0, x - px), max(0.0, y - py), min(w - 1.0, x + bw - 1 + px),
-                                  min(h - 1.0, y + bh - 1 + py)]))
-        found = sorted(found, key=lambda t: -t[0])[:self.max_boxes]
-        return PromptSet(boxes=np.asarray([b for _, b in found], np.float32).reshape(-1, 4),
-                         scores=np.asarray([s for s, _ in found], np.float32))
+        sums = np.bincount(labels.ravel(), weights=prob.ravel(), minlength=n)
+        return Components(labels, stats, sums / np.maximum(stats[:, 4], 1))
+
+    def proposals(self, comps: Components) -> Proposals:
+        """Components large and confident enough, as padded boxes, best mean probability first."""
+        h, w = comps.labels.shape
+        ids = np.arange(1, len(comps.stats))
+        ok = (comps.stats[ids, 4] >= self.min_area * h * w) & (comps.mean_prob[ids] >= self.min_score)
+        ids = ids[ok]
+        ids = ids[np.argsort(-comps.mean_prob[ids], kind="stable")][:self.max_boxes]
+        x, y, bw, bh = (comps.stats[ids, k].astype(np.float64) for k in range(4))
+        px, py = self.margin * bw + self.margin_px, self.margin * bh + self.margin_px
+        boxes = np.stack([np.maximum(0.0, x - px), np.maximum(0.0, y - py), np.minimum(w - 1.0, x + bw - 1 + px),
+                          np.minimum(h - 1.0, y + bh - 1 + py)], axis=1)
+        return Proposals(ids, boxes.astype(np.float32).reshape(-1, 4), comps.mean_prob[ids].astype(np.float32))
+
+    def propose(self, prob: np.ndarray) -> PromptSet:
+        """Boxes and their mean probabilities from a stage-1 probability map (before any stage-2 scoring)."""
+        p = self.proposals(self.components(prob))
+        return PromptSet(boxes=p.boxes, scores=p.mean_prob)
+
+    # -- scoring and keeping -----------------------------------------------------------------------
+    @property
+    def scores_after_refinement(self) -> bool:
+        """Whether the score needs each proposal decoded on its own by stage 2."""
+        return self.score != "mean_prob"
+
+    def combine(self, mean_prob: np.ndarray, agreement: np.ndarray | None, iou: np.ndarray | None) -> np.ndarray:
+        """The ``score`` of each proposal from its parts (agreement and iou: None for mean_prob)."""
+        by_name = {"mean_prob": lambda: mean_prob, "agreement": lambda: agreement,
+                   "prob_x_agreement": lambda: mean_prob * agreement, "iou_head": lambda: iou}
+        return np.asarray(by_name[self.score](), np.float32)
+
+    def kept(self, scores: np.ndarray) -> np.ndarray:
+        """Indices of the proposals kept, best score first (``keep``, then ``final_score``)."""
+        order = np.argsort(-scores, kind="stable")[:self.max_boxes]
+        if self.keep == "clear" and len(order) > 1 and scores[order[0]] - scores[order[1]] >= self.clear_margin:
+            order = order[:1]
+        return order[scores[order] >= self.final_score]
 
     def label(self) -> str:
         return "auto" + (" (separate proposer)" if self.proposer else "")
 
     def describe(self) -> str:
         who = f"the proposer {self.proposer}" if self.proposer else "the same network"
+        keep = (f"the best alone when it leads the runner-up by {self.clear_margin:g}, else all" if self.keep == "clear"
+                else "all")
         return (f"automatic, two stages: {who} segments with no prompt; components with mean probability >= "
                 f"{self.min_score:g} covering >= {self.min_area:g} of the frame become boxes padded by "
-                f"{self.margin:g} x side + {self.margin_px:g} px (at most {self.max_boxes}), each refined with a "
-                "box prompt and merged; a frame with no proposal is a miss (empty mask)")
+                f"{self.margin:g} x side + {self.margin_px:g} px (at most {self.max_boxes}), scored by "
+                f"{self.score}; kept: {keep}, scoring >= {self.final_score:g}; each refined with a box prompt and "
+                "merged; a frame with no proposal is a miss (empty mask)")
