@@ -73,3 +73,12 @@ def test_missing_data_root_is_a_clear_error(tmp_path):
     proc = subprocess.run([sys.executable, str(BENCH / "data_throughput.py"), "--smoke", "--data-root",
                            str(tmp_path)], env=env, check=False, capture_output=True, text=True, timeout=60)
     assert proc.returncode != 0 and f"{tmp_path}: no TrainDataset folder" in proc.stderr
+
+
+@pytest.mark.slow
+def test_auto_cost_smoke(real_root):
+    out = _run("auto_cost.py", "--runtime", "torch", "--data-root", str(real_root), timeout=300)
+    lines = {ln.split("│")[1].strip(): ln for ln in out.splitlines() if ln.count("│") >= 3}
+    assert "1.00x" in lines["none"]  # the reference row
+    ratio = float(lines["auto, conf/prompt/auto.yaml"].split("│")[3].strip().rstrip("x"))
+    assert ratio > 0
