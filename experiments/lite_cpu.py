@@ -26,6 +26,7 @@ import pandas as pd
 from PIL import Image
 
 from polypsam import compare
+from polypsam.prompts import auto_settings
 from polypsam.run_metrics import read_metrics
 from polypsam.study import paired_comparison, seed_mean, seed_spread, subset_means
 from polypsam.study.figures import robustness_all, validation_curves
@@ -51,6 +52,7 @@ class Row:
     job: str | None = None  # conf/sweep/lite_cpu_jobs/<job>.yaml; None: zero-shot
     evaluate: tuple[str, ...] = ()  # overrides of an extra evaluation; () with a job: the run's own eval/
     eval_dir: str = "eval"
+    select: bool = False  # choose prompt=auto's settings on validation first (python -m polypsam.select_auto)
 
 
 ROWS = (
@@ -63,7 +65,10 @@ ROWS = (
     Row("dec_jitter_s42", "decoder only, jittered boxes", "dec_jitter_s42"),
     Row("lora_box_s42", "LoRA (encoder) + decoder, box", "lora_box_s42"),
     Row("dec_none", "decoder only, prompt-free (none)", "dec_mixed_s42"),
-    Row("dec_auto", "decoder only, automatic (auto)", "dec_mixed_s42", ("prompt=auto",), "eval_auto"),
+    Row("dec_auto", "decoder only, automatic (auto), default settings", "dec_mixed_s42",
+        ("prompt=auto", "prompt.settings=null"), "eval_auto"),
+    Row("dec_auto_sel", "decoder only, automatic (auto), settings chosen on validation", "dec_mixed_s42",
+        ("prompt=auto",), "eval_auto_sel", select=True),
     Row("unet_s42", "U-Net baseline (smp), no prompt, 3 epochs (under-trained)", "unet_s42"),
     Row("unet_conv_s42", "U-Net baseline (smp), no prompt, to convergence", "unet_conv_s42"),
     Row("unetpp_conv_s42", "U-Net++ baseline (smp), no prompt, to convergence", "unetpp_conv_s42"),
@@ -77,10 +82,13 @@ PAIRS = (("what fine-tuning buys", "dec_box", "zero_shot_box"),
          ("jittered training boxes", "dec_jitter_s42", "dec_box"),
          ("LoRA against decoder only", "lora_box_s42", "dec_box"),
          ("SAM against a U-Net", "dec_box", "unet_conv_s42"),
-         ("no box: automatic boxes against a U-Net", "dec_auto", "unet_conv_s42"),
-         ("no box: automatic boxes against a U-Net++", "dec_auto", "unetpp_conv_s42"),
+         ("no box: automatic boxes against a U-Net", "dec_auto_sel", "unet_conv_s42"),
+         ("no box: automatic boxes against a U-Net++", "dec_auto_sel", "unetpp_conv_s42"),
          ("oracle box against automatic boxes (one checkpoint)", "dec_mixed_box", "dec_auto"),
-         ("refining the proposals", "dec_auto", "dec_none"))
+         ("refining the proposals", "dec_auto", "dec_none"),
+         ("settings chosen on validation against the defaults", "dec_auto_sel", "dec_auto"),
+         ("chosen automatic boxes against no box", "dec_auto_sel", "dec_none"),
+         ("oracle box against chosen automatic boxes", "dec_mixed_box", "dec_auto_sel"))
 # Rows trained before frozen parts were held in eval mode (issue 18): their old figures, kept for the errata
 ERRATA = OUT / "errata_before.csv"
 ERRATA_CAUSE = (
@@ -124,8 +132,12 @@ def run_row(row: Row, runs: Path, rerun: bool = False) -> None:
         else:
             _call("polypsam.train", "+sweep=lite_cpu", f"+sweep/lite_cpu_jobs={row.job}", f"hydra.run.dir={run}")
     out = eval_dir(row, runs)
+    best = run / "checkpoints" / "best.ckpt"
+    if row.select and not auto_settings.beside(best).is_file():
+        _call("polypsam.select_auto", f"ckpt_path={best}", f"data.root={DATA}",
+              f"data.split_file={OUT / 'split.json'}", f"hydra.run.dir={run / 'select_auto'}")
     if row.evaluate and not (out / "summary.csv").is_file():
-        ckpt = [f"ckpt_path={run / 'checkpoints' / 'best.ckpt'}"] if row.job else []
+        ckpt = [f"ckpt_path={best}"] if row.job else []
         _call("polypsam.evaluate", *ckpt, *row.evaluate, f"data.root={DATA}", f"hydra.run.dir={out}")
 
 
@@ -142,6 +154,9 @@ def copy_records(row: Row, runs: Path) -> Path | None:
     for f in src.iterdir():
         if f.suffix in (".csv", ".json", ".md", ".yaml"):
             shutil.copy(f, ev / f.name)
+    chosen = auto_settings.beside(run_dir(row, runs) / "checkpoints" / "best.ckpt")
+    if row.select and chosen.is_file():  # the settings the evaluation read, chosen on the validation split
+        shutil.copy(chosen, ev / chosen.name)
     # the best/median/worst figures show real frames: they stay in the run folder, never in the repository
     for f in sorted(src.glob("robustness.png")):
         (ev / "figures").mkdir(exist_ok=True)
@@ -238,8 +253,10 @@ def write_report(done: list[tuple[Row, Path]]) -> None:
                                   {r.name: r.label for r in ROWS}), "",
                   "Old figures: the records of commit 19e0dc8 (`git show 19e0dc8:experiments/results/lite_cpu/"
                   "rows/<row>/eval/summary.csv`); what changed in the conclusions is in the notes below.", ""]
-    if "dec_auto" in results and results["dec_auto"].detection is not None:
-        parts += ["## No box: what stage 1 proposed", "", detection_markdown(results["dec_auto"].detection), ""]
+    for name, title in (("dec_auto", "default settings"), ("dec_auto_sel", "settings chosen on validation")):
+        if name in results and results[name].detection is not None:
+            parts += [f"## No box: what stage 1 proposed ({title})", "", detection_markdown(results[name].detection),
+                      ""]
     parts += ["## Figures", "", "- [prompt robustness, every row](figures/robustness.png)",
               "- [validation Dice per epoch, every trained row](figures/validation_curves.png)",
               "- best, median and worst image per row and set: `<run>/<eval>/figures/<set>.png` in each run "
