@@ -250,17 +250,29 @@ def _sync(device: torch.device) -> None:
 
 
 class Stepper:
-    """One model, one optimiser, one batch: ``step()`` is a full training step."""
+    """One model, one optimiser, one batch: ``step()`` is a full training step (``PolypSAMModule._step``,
+    backward, AdamW). ``dtype``: autocast's; "auto": bf16 (fp16 without bf16) on a GPU, none (fp32) on a CPU."""
 
-    def __init__(self, case: Case, device: torch.device):
-        self.device = device
+    def __init__(self, case: Case, device: torch.device, dtype: torch.dtype | None | str = "auto"):
         net = build(case)
         frozen = freeze_strategy(net, STRATEGIES[case.strategy], BoxPrompt().unused_parameters)
-        self.module = PolypSAMModule(net, loss="dice", frozen_modules=frozen).to(device)
+        self._setup(PolypSAMModule(net, loss="dice", frozen_modules=frozen), case.batch, case.cache, device, dtype)
+
+    @classmethod
+    def for_module(cls, module: PolypSAMModule, batch: int, device: torch.device,
+                   dtype: torch.dtype | None | str = "auto") -> Stepper:
+        """A stepper of a module built elsewhere (the smp baselines of benchmarks/cpu_bf16.py)."""
+        self = cls.__new__(cls)
+        self._setup(module, batch, False, device, dtype)
+        return self
+
+    def _setup(self, module: PolypSAMModule, batch: int, cache: bool, device: torch.device, dtype) -> None:
+        self.device, self.module = device, module.to(device)
+        net = module.net
         self.module.frozen.set_training_modes(net)  # as PolypSAMModule before every training batch
         self.opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-6)
-        self.batch = make_batch(net.spec, case.batch, case.cache, device)
-        self.dtype = amp_dtype(device)
+        self.batch = make_batch(net.spec, batch, cache, device)
+        self.dtype = amp_dtype(device) if dtype == "auto" else dtype
         self.scaler = torch.amp.GradScaler("cuda") if self.dtype == torch.float16 else None
 
     def step(self) -> None:

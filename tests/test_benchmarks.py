@@ -82,3 +82,11 @@ def test_auto_cost_smoke(real_root):
     assert "1.00x" in lines["none"]  # the reference row
     ratio = float(lines["auto, conf/prompt/auto.yaml"].split("│")[3].strip().rstrip("x"))
     assert ratio > 0
+
+
+def test_cpu_bf16_smoke():
+    out = _run("cpu_bf16.py")
+    for label in ("tiny dec cached emb, batch 2", "U-Net 64 px, batch 2"):
+        row = next(ln for ln in out.splitlines() if label in ln and "│" in ln)
+        fp32, bf16, ratio = (float(c.strip().rstrip("x")) for c in row.split("│")[2:5])
+        assert fp32 > 0 and bf16 > 0 and ratio > 0
