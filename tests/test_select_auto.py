@@ -102,6 +102,36 @@ def test_stage2_scores_decode_each_box_once_and_a_frame_with_nothing_kept_is_a_m
         assert len(pred.prompts) == 0 and pred.prob.shape == m.shape and not pred.prob.any()
 
 
+def test_rebox_replaces_each_kept_box_by_the_tight_box_of_its_own_mask():
+    torch.manual_seed(0)
+    refiner = Predictor(build_model("tiny", pretrained=False).eval(), "cpu")
+    maps = _maps()
+    pre = [preprocess(np.zeros((*m.shape, 3), np.uint8), refiner.spec) for m in maps]
+    resizes = [rz for _, rz in pre]
+    emb = refiner.encode(torch.stack([c for c, _ in pre]), resizes)
+    stage1 = [refiner.decode(emb[:1], resizes[:1], [PromptSet(empty=True)])[0] for _ in maps]
+    for s, m in zip(stage1, maps):
+        s.prob = m
+    batch = AutoBatch(refiner, emb, resizes, stage1)
+    before, after = batch.refine(AutoPrompt()), batch.refine(AutoPrompt(rebox=1))
+    moved = 0
+    for j, (b, a) in enumerate(zip(before, after)):
+        assert len(a.prompts) == len(b.prompts)  # the same proposals, their scores kept
+        np.testing.assert_array_equal(a.prompts.scores, b.prompts.scores)
+        for box, new in zip(b.prompts.boxes, a.prompts.boxes):
+            own = refiner.decode(emb[j:j + 1], resizes[j:j + 1], [PromptSet(boxes=box[None])])[0].prob > 0.5
+            ys, xs = np.nonzero(own)
+            expected = box if ys.size == 0 else [xs.min(), ys.min(), xs.max(), ys.max()]
+            np.testing.assert_array_equal(new, expected)
+            moved += not np.array_equal(new, box)
+        merged = refiner.decode(emb[j:j + 1], resizes[j:j + 1], [PromptSet(boxes=a.prompts.boxes)])[0]
+        np.testing.assert_array_equal(a.prob, merged.prob)  # the final mask is decoded from the new boxes
+    assert moved > 0
+    assert not any(len(p.prompts) for p in batch.refine(AutoPrompt(rebox=2))[2:])  # a miss stays a miss
+    with pytest.raises(ConfigError, match="rebox=4 must be a whole number"):
+        AutoPrompt(rebox=4)
+
+
 def _compose(*overrides):
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         return compose("select_auto", overrides=list(overrides))
@@ -109,11 +139,12 @@ def _compose(*overrides):
 
 def test_grid_starts_with_the_default_and_tries_clear_with_each_margin(tmp_path):
     cfg = _compose("ckpt_path=x", "grid.threshold=[0.5]", "grid.min_score=[0.6]", "grid.min_area=[0.002]",
-                   "grid.margin=[0.1]", "grid.final_score=[0.0, 0.5]")
+                   "grid.margin=[0.1]", "grid.final_score=[0.0, 0.5]", "grid.rebox=[0, 1]")
     default = build_prompt({**cfg.prompt, "settings": None})
     points = Grid.from_cfg(cfg.grid).points(default)
     assert points[0] == default and len(set(points)) == len(points)
-    assert len(points) == 4 * (1 + 2) * 2  # score x (all, clear 0.1, clear 0.3) x final_score, default among them
+    # score x (all, clear 0.1, clear 0.3) x final_score x rebox, the default among them
+    assert len(points) == 4 * (1 + 2) * 2 * 2
     with pytest.raises(ConfigError, match="grid.score needs at least one value"):
         Grid.from_cfg({**cfg.grid, "score": []})
     with pytest.raises(ConfigError, match="ckpt_path= is required"):
@@ -165,7 +196,7 @@ def test_select_auto_end_to_end_then_evaluate_reads_the_choice(small_root, tmp_p
             "grid.threshold=[0.3,0.5]", "grid.min_score=[0.0,0.6]", "grid.min_area=[0.0,0.002]",
             "grid.margin=[0.1]", tmp=tmp_path)
     doc = json.loads((run / "checkpoints" / "best.auto.json").read_text())
-    assert doc["grid"]["size"] == 2 * 2 * 2 * 1 * 4 * 3 * 3  # the default is one of these
+    assert doc["grid"]["size"] == 2 * 2 * 2 * 1 * 4 * 3 * 3 * 2  # ... x final_score x rebox; the default among them
     assert doc["validation_dice"]["chosen"] >= doc["validation_dice"]["default"]
     assert doc["top"][0]["dice"] == doc["validation_dice"]["chosen"]
     assert doc["identity"]["checkpoint_sha256"] == sha256_file(ckpt) and doc["identity"]["model"] == "tiny"

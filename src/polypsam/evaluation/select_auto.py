@@ -50,6 +50,7 @@ class Grid:
     keep: tuple[str, ...]
     clear_margin: tuple[float, ...]
     final_score: tuple[float, ...]
+    rebox: tuple[int, ...]
 
     @classmethod
     def from_cfg(cls, grid) -> Grid:
@@ -65,10 +66,11 @@ class Grid:
         keeps = [("all", default.clear_margin)] * ("all" in self.keep) + \
             [("clear", m) for m in self.clear_margin] * ("clear" in self.keep)
         out = {default: None}
-        for thr, ms, ma, mg, sc, (kp, cm), fs in itertools.product(
-                self.threshold, self.min_score, self.min_area, self.margin, self.score, keeps, self.final_score):
+        for thr, ms, ma, mg, sc, (kp, cm), fs, rb in itertools.product(
+                self.threshold, self.min_score, self.min_area, self.margin, self.score, keeps, self.final_score,
+                self.rebox):
             out.setdefault(dataclasses.replace(default, threshold=thr, min_score=ms, min_area=ma, margin=mg, score=sc,
-                                               keep=kp, clear_margin=cm, final_score=fs))
+                                               keep=kp, clear_margin=cm, final_score=fs, rebox=rb))
         return list(out)
 
 

@@ -2,8 +2,9 @@
 
 Stage 1 decodes the empty prompt (``prompt=none``); ``AutoPrompt.proposals`` turns its confident
 components into padded boxes; stage 2 scores them (some scores decode each box on its own), keeps some
-(``AutoPrompt.kept``) and decodes the kept boxes together, their masks merged (max of logits). A frame
-left with no box is a miss: its mask is empty, and it is counted, never dropped.
+(``AutoPrompt.kept``), optionally replaces each kept box by the tight box of its own mask
+(``AutoPrompt.rebox`` rounds) and decodes the kept boxes together, their masks merged (max of logits).
+A frame left with no box is a miss: its mask is empty, and it is counted, never dropped.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from polypsam.data.transforms import Resize
+from polypsam.data.transforms import Resize, box_from_mask
 from polypsam.errors import ConfigError
 from polypsam.inference.predictor import Prediction, Predictor
 from polypsam.metrics import dice_iou
@@ -42,6 +43,7 @@ class AutoBatch:
                  proposal: list[Prediction]):
         self.refiner, self.embeddings, self.resizes, self.proposal = refiner, embeddings, resizes, proposal
         self._components: dict[tuple[int, float], Components] = {}
+        self._boxes: dict[tuple[int, bytes], tuple[torch.Tensor, float]] = {}  # one box's logits and IoU
         self._decoded: dict[tuple[int, bytes], Prediction] = {}
         self._parts: dict[tuple[int, float, int, bytes], tuple[float, float]] = {}
 
@@ -51,15 +53,42 @@ class AutoBatch:
             self._components[key] = prompt.components(self.proposal[j].prob)
         return self._components[key]
 
+    def _decode_boxes(self, requests: list[tuple[int, np.ndarray]]) -> None:
+        """Each (image, box) of the requests not decoded before, in one decoder pass. The prompts of a set
+        are decoded independently and merged by the max of their logits (``PromptableSAM.merge``), so a
+        set's mask is assembled from its boxes' logits: a box shared by many sets is decoded once."""
+        todo: dict[tuple[int, bytes], np.ndarray] = {}
+        for j, boxes in requests:
+            for b in np.asarray(boxes, np.float32).reshape(-1, 4):
+                key = (j, b.tobytes())
+                if key not in self._boxes:
+                    todo.setdefault(key, b)
+        if not todo:
+            return
+        by_image = [[b for (j, _), b in todo.items() if j == i] for i in range(len(self.resizes))]
+        sets = [PromptSet(boxes=np.stack(bs)) if bs else PromptSet() for bs in by_image]
+        low, iou, _ = self.refiner.prompt_logits(self.embeddings, self.resizes, sets)
+        order = [(i, b.tobytes()) for i, bs in enumerate(by_image) for b in bs]  # the decoder's prompt order
+        self._boxes.update((key, (low[k:k + 1], float(iou[k]))) for k, key in enumerate(order))
+
     def decode(self, requests: list[tuple[int, np.ndarray]]) -> list[Prediction]:
-        """Stage-2 predictions of (image, boxes) pairs; the sets not seen before decode in one batch."""
+        """Stage-2 predictions of (image, boxes) pairs, each set merged from its boxes' logits once."""
+        self._decode_boxes(requests)
         keys = [(j, np.ascontiguousarray(b, np.float32).tobytes()) for j, b in requests]
-        todo = {k: (j, b) for k, (j, b) in zip(keys, requests) if k not in self._decoded}
-        if todo:
-            index = torch.tensor([j for j, _ in todo.values()], device=self.embeddings.device)
-            preds = self.refiner.decode(self.embeddings.index_select(0, index), [self.resizes[j] for j, _ in todo.values()],
-                                        [PromptSet(boxes=b) for _, b in todo.values()])
-            self._decoded.update(zip(todo, preds))
+        todo = {k: (j, np.asarray(b, np.float32).reshape(-1, 4)) for k, (j, b) in zip(keys, requests)
+                if k not in self._decoded}
+        full = [(k, j, b) for k, (j, b) in todo.items() if len(b)]
+        for k, (j, b) in todo.items():  # a set with no box: a miss, an empty mask of the frame's size
+            if not len(b):
+                self._decoded[k] = Prediction(np.zeros(self.resizes[j].original_hw, np.float32),
+                                              PromptSet(boxes=b), np.zeros(0, np.float32))
+        if full:
+            parts = [[self._boxes[(j, x.tobytes())] for x in b] for _, j, b in full]
+            low = torch.cat([torch.stack([lo for lo, _ in p]).amax(0) for p in parts])
+            preds = self.refiner.assemble(low, np.zeros(len(full), np.float32), np.arange(len(full)),
+                                          [self.resizes[j] for _, j, _ in full], [PromptSet(boxes=b) for _, _, b in full])
+            for (k, _, b), pred, p in zip(full, preds, parts):
+                self._decoded[k] = Prediction(pred.prob, pred.prompts, np.asarray([i for _, i in p], np.float32))
         return [self._decoded[k] for k in keys]
 
     def _score_parts(self, j: int, prompt: AutoPrompt, comps: Components, props: Proposals
@@ -73,6 +102,17 @@ class AutoBatch:
         parts = np.asarray([self._parts[k] for k in keys], np.float32).reshape(-1, 2)
         return parts[:, 0], parts[:, 1]
 
+    def rebox(self, picks: list[tuple[np.ndarray, np.ndarray]]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """One box -> mask -> box round: per image, each box becomes the tight box of its own stage-2 mask
+        (the box stays when that mask is empty); the scores stay with their boxes."""
+        alone = iter(self.decode([(j, b[None]) for j, (boxes, _) in enumerate(picks) for b in boxes]))
+        out = []
+        for boxes, scores in picks:
+            tight = [box_from_mask(next(alone).prob > MASK_THRESHOLD) for _ in boxes]
+            new = [b if t is None else t for b, t in zip(boxes, tight)]
+            out.append((np.asarray(new, np.float32).reshape(-1, 4), scores))
+        return out
+
     def refine(self, prompt: AutoPrompt) -> list[Prediction]:
         """Stage 2 under ``prompt``'s settings: per image the kept boxes, their scores and merged mask."""
         picks = []
@@ -85,6 +125,8 @@ class AutoBatch:
             scores = prompt.combine(props.mean_prob, agreement, iou) if len(props.ids) else props.mean_prob
             keep = prompt.kept(scores)
             picks.append((props.boxes[keep], scores[keep]))
+        for _ in range(prompt.rebox):
+            picks = self.rebox(picks)
         merged = self.decode([(j, boxes) for j, (boxes, _) in enumerate(picks)])
         return [Prediction(m.prob, PromptSet(boxes=b, scores=s), m.iou) for m, (b, s) in zip(merged, picks)]
 

@@ -76,11 +76,11 @@ class Predictor:
     @torch.inference_mode()
     def decode(self, embeddings: torch.Tensor, resizes: list[Resize], prompts: list[PromptSet]
                ) -> list[Prediction]:
-        """Probability maps at the original size from embeddings and per-image prompts (original pixels)."""
+        """Probability maps at the original size from embeddings and per-image prompts (original pixels).
+        The network's forward: SAM, or a prompt-free baseline that ignores the prompts."""
         batch = collate_prompts([p.to_input(rz) for p, rz in zip(prompts, resizes)])
         if len(batch) == 0:
-            return [Prediction(np.zeros(rz.original_hw, np.float32), p, np.zeros(0, np.float32))
-                    for p, rz in zip(prompts, resizes)]
+            return self._maps(None, np.zeros(0, np.float32), np.zeros(0, np.int64), resizes, prompts)
         dev = self.device
         hw = torch.tensor([rz.input_hw for rz in resizes], device=dev)
         pts = None if batch.points is None else (batch.points.to(dev), batch.point_labels.to(dev))
@@ -88,9 +88,42 @@ class Predictor:
         with autocast(dev, self.precision):
             logits, iou = self.net(None, hw, None if batch.boxes is None else batch.boxes.to(dev),
                                    batch.image_index.to(dev), embeddings=embeddings, points=pts, prompt_free=free)
+        return self._maps(logits, iou.float().cpu().numpy()[:, 0], batch.image_index.numpy(), resizes, prompts)
+
+    @torch.inference_mode()
+    def prompt_logits(self, embeddings: torch.Tensor, resizes: list[Resize], prompts: list[PromptSet]
+                      ) -> tuple[torch.Tensor | None, np.ndarray, np.ndarray]:
+        """The decoder's output per prompt: low-resolution logits (K,1,4h,4w) (None when K = 0), predicted
+        IoU (K,) and the image each prompt belongs to (K,), prompts in image order."""
+        batch = collate_prompts([p.to_input(rz) for p, rz in zip(prompts, resizes)])
+        if len(batch) == 0:
+            return None, np.zeros(0, np.float32), np.zeros(0, np.int64)
+        dev = self.device
+        pts = None if batch.points is None else (batch.points.to(dev), batch.point_labels.to(dev))
+        free = None if batch.prompt_free is None else batch.prompt_free.to(dev)
+        with autocast(dev, self.precision):
+            low, iou = self.net.decode(embeddings, None if batch.boxes is None else batch.boxes.to(dev),
+                                       batch.image_index.to(dev), points=pts, prompt_free=free)
+        return low, iou.float().cpu().numpy()[:, 0], batch.image_index.numpy()
+
+    @torch.inference_mode()
+    def assemble(self, low: torch.Tensor | None, iou: np.ndarray, index: np.ndarray, resizes: list[Resize],
+                 prompts: list[PromptSet]) -> list[Prediction]:
+        """Per image: its prompts' logits merged (``PromptableSAM.merge``), mapped to the original size."""
+        logits = None
+        if low is not None:
+            with autocast(self.device, self.precision):
+                logits = self.net.merge(low, torch.from_numpy(index).to(low.device), len(resizes))
+        return self._maps(logits, iou, index, resizes, prompts)
+
+    @staticmethod
+    def _maps(logits: torch.Tensor | None, iou: np.ndarray, index: np.ndarray, resizes: list[Resize],
+              prompts: list[PromptSet]) -> list[Prediction]:
+        """(B,1,S,S) canvas logits -> one ``Prediction`` per image (all zero without a prompt)."""
+        if logits is None:
+            return [Prediction(np.zeros(rz.original_hw, np.float32), p, np.zeros(0, np.float32))
+                    for p, rz in zip(prompts, resizes)]
         probs = original_probabilities(logits, resizes)
-        iou = iou.float().cpu().numpy()[:, 0]
-        index = batch.image_index.numpy()
         out = []
         for j, (p, rz) in enumerate(zip(prompts, resizes)):
             prob = probs[j].cpu().numpy() if len(p) else np.zeros(rz.original_hw, np.float32)

@@ -144,12 +144,16 @@ class PromptableSAM(nn.Module):
             with torch.set_grad_enabled(encoder_grad and torch.is_grad_enabled()):
                 embeddings = self.encode(images, input_hw)
         low, iou = self.decode(embeddings, boxes, prompt_image_index, points, prompt_free)
-        b = embeddings.shape[0]
-        merged = merge_prompt_logits(low, prompt_image_index, b)
+        return self.merge(low, prompt_image_index, embeddings.shape[0]), iou
+
+    def merge(self, low: torch.Tensor, prompt_image_index: torch.Tensor, num_images: int) -> torch.Tensor:
+        """``decode``'s per-prompt logits (K,1,4h,4w) -> per-image canvas logits (B,1,S,S): the max over each
+        image's prompts, then bilinear to the canvas."""
+        merged = merge_prompt_logits(low, prompt_image_index, num_images)
         s = self.spec.image_size
         if merged.shape[-1] != s:
             merged = F.interpolate(merged, size=(s, s), mode="bilinear", align_corners=False)
-        return merged, iou
+        return merged
 
     # -- identity -------------------------------------------------------------------------------
     def encoder_fingerprint(self) -> str:

@@ -23,7 +23,8 @@ SCORES = ("mean_prob", "agreement", "prob_x_agreement", "iou_head")
 KEEPS = ("all", "clear")
 # the settings a selection file (python -m polypsam.select_auto) carries: all but where they come from
 TUNED = ("threshold", "min_score", "min_area", "margin", "margin_px", "max_boxes", "score", "keep",
-         "clear_margin", "final_score")
+         "clear_margin", "final_score", "rebox")
+MAX_REBOX = 3
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,9 @@ class AutoPrompt(PromptType):
       runner-up's by clear_margin or more (most frames hold one polyp), else all.
     final_score: after scoring, proposals under this score are dropped (0: none); a frame left with
       none is a miss, recorded with an empty mask.
+    rebox: box -> mask -> box rounds after keeping: each kept box is replaced by the tight box of its own
+      stage-2 mask (unchanged when that mask is empty), then the set is decoded again. A padded stage-1
+      box is loose, and a box-prompted SAM is trained on tight boxes (0: the kept boxes as they are).
     """
 
     proposer: str | None = None
@@ -83,6 +87,7 @@ class AutoPrompt(PromptType):
     keep: str = "all"
     clear_margin: float = 0.2
     final_score: float = 0.0
+    rebox: int = 0
     seed: int = 0
     from_model: ClassVar[bool] = True
 
@@ -100,6 +105,9 @@ class AutoPrompt(PromptType):
         if not (0 <= self.clear_margin <= 1 and 0 <= self.final_score <= 1):
             raise ConfigError(f"prompt=auto: clear_margin={self.clear_margin} and final_score={self.final_score} "
                               "must lie in [0, 1] (scores are fractions).")
+        if not (isinstance(self.rebox, int) and 0 <= self.rebox <= MAX_REBOX):
+            raise ConfigError(f"prompt=auto: rebox={self.rebox!r} must be a whole number of box -> mask -> box "
+                              f"rounds from 0 to {MAX_REBOX}.")
 
     @property
     def prompt_free(self) -> bool:
@@ -175,5 +183,6 @@ class AutoPrompt(PromptType):
         return (f"automatic, two stages: {who} segments with no prompt; components with mean probability >= "
                 f"{self.min_score:g} covering >= {self.min_area:g} of the frame become boxes padded by "
                 f"{self.margin:g} x side + {self.margin_px:g} px (at most {self.max_boxes}), scored by "
-                f"{self.score}; kept: {keep}, scoring >= {self.final_score:g}; each refined with a box prompt and "
-                "merged; a frame with no proposal is a miss (empty mask)")
+                f"{self.score}; kept: {keep}, scoring >= {self.final_score:g}; each refined with a box prompt"
+                + (f", re-boxed from its own mask {self.rebox} time(s)," if self.rebox else "")
+                + " and merged; a frame with no proposal is a miss (empty mask)")
