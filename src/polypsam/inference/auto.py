@@ -83,12 +83,12 @@ class AutoBatch:
                 self._decoded[k] = Prediction(np.zeros(self.resizes[j].original_hw, np.float32),
                                               PromptSet(boxes=b), np.zeros(0, np.float32))
         if full:
-            parts = [[self._boxes[(j, x.tobytes())] for x in b] for _, j, b in full]
-            low = torch.cat([torch.stack([lo for lo, _ in p]).amax(0) for p in parts])
-            preds = self.refiner.assemble(low, np.zeros(len(full), np.float32), np.arange(len(full)),
-                                          [self.resizes[j] for _, j, _ in full], [PromptSet(boxes=b) for _, _, b in full])
-            for (k, _, b), pred, p in zip(full, preds, parts):
-                self._decoded[k] = Prediction(pred.prob, pred.prompts, np.asarray([i for _, i in p], np.float32))
+            parts = [self._boxes[(j, x.tobytes())] for _, j, b in full for x in b]
+            index = np.repeat(np.arange(len(full)), [len(b) for _, _, b in full])  # set n's boxes -> "image" n
+            preds = self.refiner.assemble(torch.cat([lo for lo, _ in parts]), np.asarray([i for _, i in parts],
+                                          np.float32), index, [self.resizes[j] for _, j, _ in full],
+                                          [PromptSet(boxes=b) for _, _, b in full])
+            self._decoded.update((k, pred) for (k, _, _), pred in zip(full, preds))
         return [self._decoded[k] for k in keys]
 
     def _score_parts(self, j: int, prompt: AutoPrompt, comps: Components, props: Proposals

@@ -78,29 +78,36 @@ class Predictor:
                ) -> list[Prediction]:
         """Probability maps at the original size from embeddings and per-image prompts (original pixels).
         The network's forward: SAM, or a prompt-free baseline that ignores the prompts."""
-        batch = collate_prompts([p.to_input(rz) for p, rz in zip(prompts, resizes)])
-        if len(batch) == 0:
+        batch, pts, free = self._prompt_inputs(resizes, prompts)
+        if batch is None:
             return self._maps(None, np.zeros(0, np.float32), np.zeros(0, np.int64), resizes, prompts)
         dev = self.device
         hw = torch.tensor([rz.input_hw for rz in resizes], device=dev)
-        pts = None if batch.points is None else (batch.points.to(dev), batch.point_labels.to(dev))
-        free = None if batch.prompt_free is None else batch.prompt_free.to(dev)
         with autocast(dev, self.precision):
             logits, iou = self.net(None, hw, None if batch.boxes is None else batch.boxes.to(dev),
                                    batch.image_index.to(dev), embeddings=embeddings, points=pts, prompt_free=free)
         return self._maps(logits, iou.float().cpu().numpy()[:, 0], batch.image_index.numpy(), resizes, prompts)
+
+    def _prompt_inputs(self, resizes: list[Resize], prompts: list[PromptSet]):
+        """The prompts in the input frame, collated, with points and the prompt-free flags on the device;
+        (None, None, None) when no image has a prompt."""
+        batch = collate_prompts([p.to_input(rz) for p, rz in zip(prompts, resizes)])
+        if len(batch) == 0:
+            return None, None, None
+        dev = self.device
+        pts = None if batch.points is None else (batch.points.to(dev), batch.point_labels.to(dev))
+        free = None if batch.prompt_free is None else batch.prompt_free.to(dev)
+        return batch, pts, free
 
     @torch.inference_mode()
     def prompt_logits(self, embeddings: torch.Tensor, resizes: list[Resize], prompts: list[PromptSet]
                       ) -> tuple[torch.Tensor | None, np.ndarray, np.ndarray]:
         """The decoder's output per prompt: low-resolution logits (K,1,4h,4w) (None when K = 0), predicted
         IoU (K,) and the image each prompt belongs to (K,), prompts in image order."""
-        batch = collate_prompts([p.to_input(rz) for p, rz in zip(prompts, resizes)])
-        if len(batch) == 0:
+        batch, pts, free = self._prompt_inputs(resizes, prompts)
+        if batch is None:
             return None, np.zeros(0, np.float32), np.zeros(0, np.int64)
         dev = self.device
-        pts = None if batch.points is None else (batch.points.to(dev), batch.point_labels.to(dev))
-        free = None if batch.prompt_free is None else batch.prompt_free.to(dev)
         with autocast(dev, self.precision):
             low, iou = self.net.decode(embeddings, None if batch.boxes is None else batch.boxes.to(dev),
                                        batch.image_index.to(dev), points=pts, prompt_free=free)
