@@ -1,14 +1,17 @@
 """What a frame costs with no human box: ``prompt=none`` against ``prompt=auto``, side by side, one process.
 
     PYTHONPATH=src python benchmarks/auto_cost.py --ckpt <mixed run>/checkpoints/best.ckpt
+    PYTHONPATH=src python benchmarks/auto_cost.py --ckpt <mixed best.ckpt> --proposer <U-Net run>/checkpoints/best.ckpt
     PYTHONPATH=src python benchmarks/auto_cost.py --smoke      # LiteMedSAM zero-shot, two frames
 
 ``run_prediction`` end to end (decode, encode, both stages, masks and JSON written, no overlays) on the
 same ``--frames`` Kvasir test frames, one runtime (``--runtime``, default OpenVINO fp32), batch 1: seconds
 per frame and the ratio to ``none``. Rows: ``none``; ``auto`` with ``conf/prompt/auto.yaml``'s settings;
-``auto`` with the checkpoint's ``<stem>.auto.json`` (``python -m polypsam.select_auto``) when it exists.
-The encoder runs once per frame in every row (stage 2 reuses stage 1's embeddings), so the ratio is the
-decoder's share. Issue 20's budget: auto at most 1.5x none. Read the ratios; absolute times move with load.
+``auto`` with the checkpoint's ``<stem>.auto.json`` (``python -m polypsam.select_auto``) when it exists;
+with ``--proposer``, ``auto`` with that network as stage 1 (and its settings file when it exists). SAM's
+encoder runs once per frame in every row (stage 2 reuses stage 1's embeddings; a proposer adds its own
+network), so the ratio is the decoders' (and the proposer's) share. Issue 20's budget: auto at most 1.5x
+none. Read the ratios; absolute times move with load.
 """
 
 from __future__ import annotations
@@ -34,25 +37,33 @@ REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "polyp"
 
 
-def _seconds(net, folder: Path, n: int, prompt, runtime: RuntimeSettings) -> tuple[float, dict]:
+def _seconds(net, folder: Path, n: int, prompt, runtime: RuntimeSettings, proposer=None) -> tuple[float, dict]:
     plan = plan_jobs(str(folder / "images"), None, None, prompt, n)
-    run_prediction(net, plan, tempfile.mkdtemp(), batch_size=1, num_workers=1, device="cpu", overlays=False,
-                   progress=False, prompt=prompt, runtime=runtime)  # warm-up: runtime load, first-call costs
+    kw = dict(batch_size=1, num_workers=1, device="cpu", overlays=False, progress=False, prompt=prompt,
+              runtime=runtime, proposer=proposer)
     with tempfile.TemporaryDirectory() as tmp:
-        s = run_prediction(net, plan, tmp, batch_size=1, num_workers=1, device="cpu", overlays=False,
-                           progress=False, prompt=prompt, runtime=runtime)
+        run_prediction(net, plan, tmp, **kw)  # warm-up: runtime load, first-call costs
+    with tempfile.TemporaryDirectory() as tmp:
+        s = run_prediction(net, plan, tmp, **kw)
     return s["seconds_per_image"], s
 
 
-def rows(net, ckpt: str | None, folder: Path, n: int, runtime: RuntimeSettings) -> list[list[str]]:
+def rows(net, ckpt: str | None, folder: Path, n: int, runtime: RuntimeSettings, proposer: str | None = None
+         ) -> list[list[str]]:
     auto = build_prompt({"type": "auto"})
-    prompts = [("none", build_prompt({"type": "none"})), ("auto, conf/prompt/auto.yaml", auto)]
+    prompts = [("none", build_prompt({"type": "none"}), None), ("auto, conf/prompt/auto.yaml", auto, None)]
     if ckpt and auto_settings.beside(ckpt).is_file():
         chosen, _ = auto_settings.resolve(auto, ckpt, net.spec, explicit=set())
-        prompts.append((f"auto, {auto_settings.beside(ckpt).name}", chosen))
+        prompts.append((f"auto, {auto_settings.beside(ckpt).name}", chosen, None))
+    if proposer:
+        other = build_prompt({"type": "auto", "proposer": proposer})
+        chosen, record = auto_settings.resolve(other, ckpt, net.spec, explicit=set())
+        file = Path(record["file"]).name if record else "conf/prompt/auto.yaml"
+        prompts.append((f"auto, stage 1 {Path(proposer).parent.parent.name}, {file}", chosen,
+                        load_model(proposer)[0].eval()))
     out, base = [], None
-    for label, prompt in prompts:
-        per, _ = _seconds(net, folder, n, prompt, runtime)
+    for label, prompt, first in prompts:
+        per, _ = _seconds(net, folder, n, prompt, runtime, first)
         base = base or per
         out.append([label, f"{per:.3f}", f"{per / base:.2f}x"])
     return out
@@ -62,8 +73,10 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--ckpt", default=None, help="a prompt=mixed checkpoint (default: LiteMedSAM zero-shot)")
     p.add_argument("--data-root", default=os.environ.get("POLYPSAM_DATA_ROOT", str(DEFAULT_DATA)))
+    p.add_argument("--proposer", default=None, help="a prompt-free checkpoint (a U-Net) as auto's stage 1")
     p.add_argument("--frames", type=int, default=16)
     p.add_argument("--runtime", default="openvino", help="the frozen encoder's runtime (model.runtime)")
+    p.add_argument("--precision", default="fp32", help="its precision (model.runtime_precision): fp32 or bf16")
     p.add_argument("--smoke", action="store_true", help="two frames, nothing written to RESULTS.md")
     args = p.parse_args(argv)
     torch.set_num_threads(usable_cpus())
@@ -71,14 +84,16 @@ def main(argv=None) -> None:
     n = 2 if args.smoke else args.frames
     info = device_info(torch.device("cpu"))
     table = rows(net, args.ckpt, Path(args.data_root) / "TestDataset" / "Kvasir", n,
-                 RuntimeSettings(args.runtime, "fp32"))
+                 RuntimeSettings(args.runtime, args.precision), args.proposer)
     head = (f"{info['name']}, {usable_cpus()} cores, load average {info['loadavg_start']:.1f} at start (shared), "
-            f"{args.runtime} fp32 encoder, {n} Kvasir frames, checkpoint {args.ckpt or 'LiteMedSAM zero-shot'}, "
+            f"{args.runtime} {args.precision} encoder, {n} Kvasir frames, checkpoint "
+            f"{args.ckpt or 'LiteMedSAM zero-shot'}, "
             f"{info['date']}")
     cols = ["prompt", "s/frame", "vs none"]
     print_table(f"auto against none ({head})", cols, table)
     if not args.smoke:
-        write_block(RESULTS, "auto_cost cpu", "\n".join([head, "", markdown_table(cols, table)]))
+        block = "auto_cost cpu" + ("" if args.precision == "fp32" else f" {args.precision}")
+        write_block(RESULTS, block, "\n".join([head, "", markdown_table(cols, table)]))
         print(f"updated {RESULTS}")
 
 

@@ -53,6 +53,10 @@ class Row:
     evaluate: tuple[str, ...] = ()  # overrides of an extra evaluation; () with a job: the run's own eval/
     eval_dir: str = "eval"
     select: bool = False  # choose prompt=auto's settings on validation first (python -m polypsam.select_auto)
+    proposer: str | None = None  # prompt=auto's stage 1 from another run's best.ckpt (the job's name)
+
+    def proposer_args(self, runs: Path) -> list[str]:
+        return [f"prompt.proposer={proposer_ckpt(self, runs)}"] if self.proposer else []
 
 
 ROWS = (
@@ -69,6 +73,9 @@ ROWS = (
         ("prompt=auto", "prompt.settings=null"), "eval_auto"),
     Row("dec_auto_sel", "decoder only, automatic (auto), settings chosen on validation", "dec_mixed_s42",
         ("prompt=auto",), "eval_auto_sel", select=True),
+    Row("dec_auto_unet", "decoder only refining a U-Net's boxes (auto, stage 1: unet_conv_s42), settings chosen "
+        "on validation", "dec_mixed_s42", ("prompt=auto",), "eval_auto_unet", select=True, proposer="unet_conv_s42"),
+    Row("lora_box_bf16_s42", "LoRA (encoder) + decoder, box, bf16 autocast training", "lora_box_bf16_s42"),
     Row("unet_s42", "U-Net baseline (smp), no prompt, 3 epochs (under-trained)", "unet_s42"),
     Row("unet_conv_s42", "U-Net baseline (smp), no prompt, to convergence", "unet_conv_s42"),
     Row("unetpp_conv_s42", "U-Net++ baseline (smp), no prompt, to convergence", "unetpp_conv_s42"),
@@ -88,7 +95,12 @@ PAIRS = (("what fine-tuning buys", "dec_box", "zero_shot_box"),
          ("refining the proposals", "dec_auto", "dec_none"),
          ("settings chosen on validation against the defaults", "dec_auto_sel", "dec_auto"),
          ("chosen automatic boxes against no box", "dec_auto_sel", "dec_none"),
-         ("oracle box against chosen automatic boxes", "dec_mixed_box", "dec_auto_sel"))
+         ("oracle box against chosen automatic boxes", "dec_mixed_box", "dec_auto_sel"),
+         ("a U-Net's boxes refined by SAM against the U-Net alone", "dec_auto_unet", "unet_conv_s42"),
+         ("a U-Net's boxes against SAM's own automatic boxes", "dec_auto_unet", "dec_auto_sel"),
+         ("a U-Net's boxes against no box", "dec_auto_unet", "dec_none"),
+         ("oracle box against a U-Net's boxes", "dec_mixed_box", "dec_auto_unet"),
+         ("bf16 training against fp32 (LoRA)", "lora_box_bf16_s42", "lora_box_s42"))
 # Rows trained before frozen parts were held in eval mode (issue 18): their old figures, kept for the errata
 ERRATA = OUT / "errata_before.csv"
 ERRATA_CAUSE = (
@@ -100,6 +112,15 @@ ERRATA_CAUSE = (
     "entry is read.")
 DERIVED = {"dec_box": "the decoder-only box row, per-image mean over the seeds it has run",
            "dec_mixed_box": "the prompt-free checkpoint (`dec_mixed_s42`) given the oracle box"}
+
+
+def proposer_ckpt(row: Row, runs: Path) -> Path | None:
+    return runs / row.proposer / "checkpoints" / "best.ckpt" if row.proposer else None
+
+
+def settings_file(row: Row, runs: Path) -> Path:
+    """Where select_auto writes the row's chosen settings (one file per checkpoint and proposer)."""
+    return auto_settings.beside(run_dir(row, runs) / "checkpoints" / "best.ckpt", proposer_ckpt(row, runs))
 
 
 def run_dir(row: Row, runs: Path) -> Path:
@@ -133,12 +154,13 @@ def run_row(row: Row, runs: Path, rerun: bool = False) -> None:
             _call("polypsam.train", "+sweep=lite_cpu", f"+sweep/lite_cpu_jobs={row.job}", f"hydra.run.dir={run}")
     out = eval_dir(row, runs)
     best = run / "checkpoints" / "best.ckpt"
-    if row.select and not auto_settings.beside(best).is_file():
-        _call("polypsam.select_auto", f"ckpt_path={best}", f"data.root={DATA}",
-              f"data.split_file={OUT / 'split.json'}", f"hydra.run.dir={run / 'select_auto'}")
+    if row.select and not settings_file(row, runs).is_file():
+        _call("polypsam.select_auto", f"ckpt_path={best}", *row.proposer_args(runs), f"data.root={DATA}",
+              f"data.split_file={OUT / 'split.json'}", f"hydra.run.dir={run / '_'.join(filter(None, ('select_auto', row.proposer)))}")
     if row.evaluate and not (out / "summary.csv").is_file():
         ckpt = [f"ckpt_path={best}"] if row.job else []
-        _call("polypsam.evaluate", *ckpt, *row.evaluate, f"data.root={DATA}", f"hydra.run.dir={out}")
+        _call("polypsam.evaluate", *ckpt, *row.evaluate, *row.proposer_args(runs), f"data.root={DATA}",
+              f"hydra.run.dir={out}")
 
 
 def copy_records(row: Row, runs: Path) -> Path | None:
@@ -154,7 +176,7 @@ def copy_records(row: Row, runs: Path) -> Path | None:
     for f in src.iterdir():
         if f.suffix in (".csv", ".json", ".md", ".yaml"):
             shutil.copy(f, ev / f.name)
-    chosen = auto_settings.beside(run_dir(row, runs) / "checkpoints" / "best.ckpt")
+    chosen = settings_file(row, runs)
     if row.select and chosen.is_file():  # the settings the evaluation read, chosen on the validation split
         shutil.copy(chosen, ev / chosen.name)
     # the best/median/worst figures show real frames: they stay in the run folder, never in the repository
@@ -253,7 +275,8 @@ def write_report(done: list[tuple[Row, Path]]) -> None:
                                   {r.name: r.label for r in ROWS}), "",
                   "Old figures: the records of commit 19e0dc8 (`git show 19e0dc8:experiments/results/lite_cpu/"
                   "rows/<row>/eval/summary.csv`); what changed in the conclusions is in the notes below.", ""]
-    for name, title in (("dec_auto", "default settings"), ("dec_auto_sel", "settings chosen on validation")):
+    for name, title in (("dec_auto", "default settings"), ("dec_auto_sel", "settings chosen on validation"),
+                        ("dec_auto_unet", "a U-Net as stage 1, settings chosen on validation")):
         if name in results and results[name].detection is not None:
             parts += [f"## No box: what stage 1 proposed ({title})", "", detection_markdown(results[name].detection),
                       ""]

@@ -1,5 +1,6 @@
 """Prompt-free segmentation: prompt=none, mixed-prompt training and the two-stage prompt=auto."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from polypsam.errors import ConfigError
 from polypsam.evaluation import EvalSettings, evaluate_model
 from polypsam.evaluation.tasks import untrained_prompt_warning
 from polypsam.inference import AutoPredictor, Predictor
+from polypsam.inference.items import ImageItems
 from polypsam.metrics import dice_iou
 from polypsam.models import build_model
 from polypsam.prediction import plan_jobs, run_prediction
@@ -23,6 +25,7 @@ from polypsam.prompts import PromptSet, build_prompt, collate_prompts
 from polypsam.prompts.auto import AutoPrompt
 from polypsam.prompts.box import BoxPrompt
 from polypsam.prompts.none import NonePrompt
+from test_baselines import TINY
 from test_evaluate import make_root
 from test_prompts import ellipse
 
@@ -210,15 +213,59 @@ def test_auto_refines_exactly_the_boxes_it_records(auto_eval):
     assert dice_iou(pred.prob > 0.5, saved)[0] > 0.999
 
 
-def test_auto_proposer_must_share_the_refiner_preprocessing():
+def test_auto_proposer_must_share_the_refiner_input_size():
     other = Predictor(_tiny(), "cpu")
-    with pytest.raises(ConfigError, match=r"prompt.proposer=p.ckpt: its model 'lite'.*differs from the refiner's"):
+    with pytest.raises(ConfigError, match=r"prompt.proposer=p.ckpt: its model 'lite' takes 256 px inputs, the "
+                                          r"refiner 'tiny' 64 px; use a proposer trained at model.image_size=64"):
         AutoPredictor(other, AutoPrompt(proposer="p.ckpt"), build_model("lite", pretrained=False))
     retrained = _tiny()  # the same model with other encoder weights: stage 1 encodes on its own
     with torch.no_grad():
         next(retrained.image_encoder.parameters()).add_(0.1)
     assert AutoPredictor(other, AutoPrompt(proposer="p.ckpt"), retrained).shared_encoder is False
     assert AutoPredictor(other, AutoPrompt(proposer="p.ckpt"), _tiny()).shared_encoder is True
+
+
+def _unet(resize_method: str):
+    torch.manual_seed(1)
+    net = build_model("unet", **TINY).eval()
+    net.spec = dataclasses.replace(net.spec, resize_method=resize_method)  # LiteMedSAM's resize against SAM's
+    return net
+
+
+def test_a_unet_proposes_for_sam_from_its_own_canvas(tmp_path):
+    """A prompt-free baseline as stage 1: it reads the canvas it was trained on (here another resize than the
+    refiner's), so stage 1 is exactly the U-Net's own prediction, and evaluate's none companion is the
+    U-Net's own evaluation; the refiner decodes the boxes on its own canvas."""
+    root = make_root(tmp_path / "root")
+    unet, refiner = _unet("cv2_area"), Predictor(_tiny(), "cpu")
+    auto = AutoPredictor(refiner, AutoPrompt(proposer="unet.ckpt", min_score=0.0, min_area=0.0), unet)
+    assert auto.proposer_spec == unet.spec and not auto.shared_encoder
+    images = sorted((root / "TestDataset" / "Kvasir" / "images").iterdir())
+    items = [ImageItems(images, refiner.spec, proposer_spec=auto.proposer_spec)[i] for i in range(len(images))]
+    resizes = [it["resize"] for it in items]
+    canvases = torch.stack([it["canvas"] for it in items])
+    with pytest.raises(ValueError, match="the proposer reads its own canvas"):
+        auto.predict(canvases, resizes)
+    two = auto.predict(canvases, resizes, auto.stage1_canvases(items))
+    rgb = [np.asarray(Image.open(p).convert("RGB")) for p in images]
+    own = Predictor(unet, "cpu")(rgb, [PromptSet(empty=True) for _ in rgb])
+    for got, want in zip(two.proposal, own):
+        np.testing.assert_array_equal(got.prob, want.prob)
+    wrong = Predictor(unet, "cpu").predict(canvases, resizes, [PromptSet(empty=True) for _ in rgb])
+    assert max(np.abs(g.prob - w.prob).max() for g, w in zip(two.proposal, wrong)) > 1e-3  # the canvas matters
+    boxed = refiner.predict(canvases, resizes, [r.prompts for r in two.refined])
+    for got, want in zip(two.refined, boxed):
+        np.testing.assert_array_equal(got.prob, want.prob)
+    # end to end: evaluate's stage-1 companion is the U-Net's own prompt-free evaluation, with no warning
+    prompt = AutoPrompt(proposer="unet.ckpt", min_score=0.0, min_area=0.0)
+    assert untrained_prompt_warning(prompt, {"config": {"prompt": {"type": "box"}}}, unet) is None
+    res = evaluate_model(_tiny(), root, tmp_path / "auto", EvalSettings(prompt=prompt, noise=(), device="cpu",
+                         figures=False), verbose=False, proposer=unet)
+    alone = evaluate_model(unet, root, tmp_path / "unet", EvalSettings(prompt=NonePrompt(), noise=(), device="cpu",
+                           figures=False), verbose=False)
+    none = pd.read_csv(res.out_dir / "per_image_none.csv")
+    assert none["image"].tolist() == alone.per_image["image"].tolist()
+    np.testing.assert_allclose(none["dice"], alone.per_image["dice"])
 
 
 def test_predict_a_folder_of_frames_with_no_prompt_file(tmp_path):

@@ -183,6 +183,26 @@ def test_settings_file_applies_below_the_command_line_and_refuses_another_checkp
         == {"threshold", "keep"}
 
 
+def test_each_proposer_has_its_own_settings_file_beside_the_checkpoint(tmp_path):
+    """The settings chosen with a U-Net as stage 1 and those chosen with the network itself live side by side;
+    each evaluation finds its own, and a file written for one proposer is refused for another."""
+    spec = build_model("tiny", pretrained=False).spec
+    ckpt, unet, other = tmp_path / "best.ckpt", tmp_path / "unet.ckpt", tmp_path / "other.ckpt"
+    for f in (ckpt, unet, other):
+        f.write_bytes(f.name.encode())
+    own = _settings_file(tmp_path, ckpt, spec, threshold=0.3)
+    doc = {"identity": auto_settings.identity(ckpt, spec, unet), "chosen": {**auto_settings.tuned(AutoPrompt()),
+           "threshold": 0.7}}
+    theirs = auto_settings.write(auto_settings.beside(ckpt, unet), doc)
+    assert theirs.name == f"best.auto-proposer-{sha256_file(unet)[:12]}.json" and theirs != own
+    assert resolve(AutoPrompt(), ckpt, spec, explicit=set())[0].threshold == 0.3
+    assert resolve(AutoPrompt(proposer=str(unet)), ckpt, spec, explicit=set())[0].threshold == 0.7
+    assert resolve(AutoPrompt(proposer=str(other)), ckpt, spec, explicit=set())[1] is None  # none chosen for it
+    with pytest.raises(ConfigError, match=rf"written for .*proposer sha256 {sha256_file(unet)[:12]}\), but this "
+                                          rf"run uses .*proposer sha256 {sha256_file(other)[:12]}\)"):
+        resolve(AutoPrompt(proposer=str(other), settings=str(theirs)), ckpt, spec, explicit=set())
+
+
 @pytest.mark.slow  # three subprocesses: train, select, evaluate
 def test_select_auto_end_to_end_then_evaluate_reads_the_choice(small_root, tmp_path):
     run = tmp_path / "run"

@@ -78,7 +78,7 @@ def predict(cfg: DictConfig) -> dict:
     proposer = None
     if prompt.from_model and prompt.proposer:
         proposer, _, meta = load_network(prompt.proposer, None)
-    warning = untrained_prompt_warning(prompt, meta)
+    warning = untrained_prompt_warning(prompt, meta, proposer or net)
     if warning:
         print(f"warning: {warning}", file=sys.stderr)
         identity["untrained_prompt"] = warning

@@ -124,7 +124,7 @@ def _decode(predictor: Predictor, auto: AutoPredictor | None, emb: torch.Tensor,
     resizes = [it["resize"] for it in ok]
     if auto is None:
         return predictor.decode(emb, resizes, _prompts(prompt, ok, keys, prompt.noise)), {}
-    two = auto.decode(emb, resizes, torch.stack([it["canvas"] for it in ok]))
+    two = auto.decode(emb, resizes, auto.stage1_canvases(ok))
     oracle = predictor.decode(emb, resizes, _prompts(prompt.oracle, ok, keys, 0.0))
     return two.refined, {"none": two.proposal, "box": oracle}
 
@@ -277,7 +277,7 @@ def run_evaluation(net: PromptableSAM, root: str | Path, out_dir: str | Path, se
     compute_seconds = 0.0  # model and scoring, without data loading
     for set_name, recs in record_sets.items():
         items = ImageItems([r.image for r in recs], net.spec, [r.mask for r in recs],
-                           known_unreadable=unreadable_known)
+                           known_unreadable=unreadable_known, proposer_spec=auto.proposer_spec if auto else None)
         loader = DataLoader(items, batch_size=settings.batch_size, shuffle=False,
                             num_workers=settings.num_workers, collate_fn=as_list)
         set_t0 = time.perf_counter()

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
@@ -95,7 +94,8 @@ def validation_split(cfg, meta: dict, ckpt: Path) -> tuple[list[Record], dict]:
 def sweep(auto, predictor, cache, recs: list[Record], points: list[AutoPrompt], threshold: float,
           batch_size: int, num_workers: int) -> dict[str, np.ndarray]:
     """Per grid point and image: Dice, proposals kept and proposals touching no polyp; and stage 1's Dice."""
-    items = ImageItems([r.image for r in recs], predictor.spec, [r.mask for r in recs])
+    items = ImageItems([r.image for r in recs], predictor.spec, [r.mask for r in recs],
+                       proposer_spec=auto.proposer_spec)
     loader = DataLoader(items, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=as_list)
     cols: dict[str, list] = {"dice": [], "n_prompts": [], "false_proposals": [], "none": [], "has_polyp": []}
     for batch in loader:
@@ -110,7 +110,7 @@ def sweep(auto, predictor, cache, recs: list[Record], points: list[AutoPrompt], 
         if not ok:
             continue
         stages = auto.stage1(batch_embeddings(predictor, cache, ok, recs), [it["resize"] for it in ok],
-                             torch.stack([it["canvas"] for it in ok]))
+                             auto.stage1_canvases(ok))
         cols["none"] += [dice_iou(p.prob > threshold, it["mask"])[0] for p, it in zip(stages.proposal, ok)]
         cols["has_polyp"] += [bool(it["mask"].any()) for it in ok]
         scored: dict[tuple[int, bytes], tuple[float, int, int]] = {}  # (image, kept boxes) -> its scores
@@ -147,7 +147,8 @@ def select_auto(cfg) -> dict:
         raise ConfigError("ckpt_path= is required: python -m polypsam.select_auto ckpt_path=<run>/checkpoints/"
                           "best.ckpt (a checkpoint trained with prompt=mixed or prompt=none).")
     ckpt = Path(cfg.ckpt_path).expanduser()
-    out = Path(cfg.out).expanduser() if cfg.get("out") else auto_settings.beside(ckpt)
+    proposer_path = cfg.prompt.get("proposer")
+    out = Path(cfg.out).expanduser() if cfg.get("out") else auto_settings.beside(ckpt, proposer_path)
     root = Path(cfg.data.root).expanduser().resolve()
     if out.resolve().is_relative_to(root):
         raise ConfigError(f"out={out} lies in the data root {root}; write the settings beside the checkpoint "

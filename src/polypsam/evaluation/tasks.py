@@ -60,9 +60,10 @@ def trained_prompt(meta: dict | None) -> PromptType | None:
         return None
 
 
-def untrained_prompt_warning(prompt: PromptType, meta: dict | None) -> str | None:
-    """A sentence when a prompt-free evaluation runs on a network never trained with the empty prompt."""
-    if not prompt.prompt_free:
+def untrained_prompt_warning(prompt: PromptType, meta: dict | None, net=None) -> str | None:
+    """A sentence when a prompt-free evaluation runs on a SAM never trained with the empty prompt (``net``:
+    the network of stage 1; a prompt-free baseline needs no prompt training)."""
+    if not prompt.prompt_free or (net is not None and not takes_prompts(net)):
         return None
     trained = trained_prompt(meta)
     if trained is not None and trained.prompt_free:
@@ -140,7 +141,7 @@ def evaluate(cfg) -> EvalResult:
     proposer, first_meta = None, meta if ckpt else None
     if settings.prompt.from_model and settings.prompt.proposer:
         proposer, first_meta = load_model(settings.prompt.proposer)
-    warning = untrained_prompt_warning(settings.prompt, first_meta)
+    warning = untrained_prompt_warning(settings.prompt, first_meta, proposer or net)
     if warning:
         log.warning(warning)
         identity["untrained_prompt"] = warning

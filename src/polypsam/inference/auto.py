@@ -132,25 +132,40 @@ class AutoBatch:
 
 
 class AutoPredictor:
-    """The refiner's ``Predictor`` plus a proposer: the same network, or ``prompt.proposer``'s.
+    """The refiner's ``Predictor`` plus a proposer: the same network, or ``prompt.proposer``'s (a SAM
+    trained prompt-free, or a prompt-free baseline).
 
-    A separate proposer must share the refiner's ``ModelSpec`` (input size, normalisation, resize), since
-    both read one preprocessed canvas; when it also shares the image encoder's weights, the refiner's
+    A separate proposer must take the refiner's input size (one ``Resize`` maps both stages back); it may
+    resize and normalise its own way (a U-Net trained with PIL's bilinear resize proposing for LiteMedSAM's
+    area resize): then ``proposer_spec`` is set, ``ImageItems`` makes its canvas beside the refiner's, and
+    ``stage1_canvases`` hands it over. When the proposer shares the image encoder's weights, the refiner's
     embeddings serve both stages and the encoder runs once.
     """
 
     def __init__(self, refiner: Predictor, prompt: AutoPrompt, proposer: PromptableSAM | None = None):
         self.refiner, self.prompt = refiner, prompt
-        self.proposer, self.shared_encoder = refiner, True
+        self.proposer, self.shared_encoder, self.proposer_spec = refiner, True, None
         if proposer is not None:
-            if proposer.spec != refiner.spec:
+            if proposer.spec.image_size != refiner.spec.image_size:
                 raise ConfigError(
-                    f"prompt.proposer={prompt.proposer}: its model {proposer.spec.name!r} "
-                    f"({proposer.spec.preprocessing_key()}) differs from the refiner's {refiner.spec.name!r} "
-                    f"({refiner.spec.preprocessing_key()}); use a proposer trained with model="
-                    f"{refiner.spec.name}, or prompt.proposer=null to propose with the refiner itself.")
+                    f"prompt.proposer={prompt.proposer}: its model {proposer.spec.name!r} takes "
+                    f"{proposer.spec.image_size} px inputs, the refiner {refiner.spec.name!r} "
+                    f"{refiner.spec.image_size} px; use a proposer trained at model.image_size="
+                    f"{refiner.spec.image_size}, or prompt.proposer=null to propose with the refiner itself.")
+            if proposer.spec.canvas_key() != refiner.spec.canvas_key():
+                self.proposer_spec = proposer.spec
             self.proposer = Predictor(proposer, refiner.device, refiner.precision)
             self.shared_encoder = proposer.encoder_fingerprint() == refiner.net.encoder_fingerprint()
+
+    def stage1_canvases(self, items: list[dict]) -> torch.Tensor:
+        """The (B,3,S,S) canvases stage 1 reads: the proposer's own (``ImageItems(proposer_spec=...)``) when
+        it resizes another way than the refiner, else the refiner's."""
+        if self.proposer_spec is None:
+            return torch.stack([it["canvas"] for it in items])
+        if any("proposer_canvas" not in it for it in items):
+            raise ValueError("AutoPredictor: the proposer reads its own canvas; build the items with "
+                             "ImageItems(..., proposer_spec=auto.proposer_spec)")
+        return torch.stack([it["proposer_canvas"] for it in items])
 
     @property
     def spec(self):
@@ -158,7 +173,8 @@ class AutoPredictor:
 
     def stage1(self, embeddings: torch.Tensor, resizes: list[Resize], canvases: torch.Tensor | None = None
                ) -> AutoBatch:
-        """Stage 1 from the refiner's embeddings (and the canvases when the proposer has its own encoder)."""
+        """Stage 1 from the refiner's embeddings, or, when the proposer has its own encoder, from
+        ``canvases`` (``stage1_canvases``)."""
         first_emb = embeddings
         if not self.shared_encoder:
             if canvases is None:
@@ -173,5 +189,10 @@ class AutoPredictor:
         batch = self.stage1(embeddings, resizes, canvases)
         return AutoPrediction(batch.refine(self.prompt), batch.proposal)
 
-    def predict(self, canvases: torch.Tensor, resizes: list[Resize]) -> AutoPrediction:
-        return self.decode(self.refiner.encode(canvases, resizes), resizes, canvases)
+    def predict(self, canvases: torch.Tensor, resizes: list[Resize], stage1_canvases: torch.Tensor | None = None
+                ) -> AutoPrediction:
+        """Both stages from the refiner's canvases (and the proposer's, ``stage1_canvases``, when it has its own)."""
+        if self.proposer_spec is not None and stage1_canvases is None:
+            raise ValueError("AutoPredictor.predict: the proposer reads its own canvas; pass stage1_canvases")
+        emb = self.refiner.encode(canvases, resizes)
+        return self.decode(emb, resizes, canvases if stage1_canvases is None else stage1_canvases)

@@ -21,12 +21,15 @@ def as_list(items: list) -> list:
 class ImageItems(Dataset):
     """Item i: ``canvas`` (3,S,S) uint8 and ``resize``; with masks also ``mask`` (H,W) bool; with
     ``keep_image`` the decoded RGB ``image``. ``status`` is ``ok``, ``unreadable`` (the image) or
-    ``mask_error`` (the mask, or sizes that disagree), with the one-line ``error``.
+    ``mask_error`` (the mask, or sizes that disagree), with the one-line ``error``. With ``proposer_spec``
+    (``AutoPredictor.proposer_spec``: a proposer that reads another canvas) also ``proposer_canvas``.
     """
 
     def __init__(self, images: list[Path], spec: ModelSpec, masks: list[Path] | None = None,
-                 keep_image: bool = False, known_unreadable: dict[str, str] | None = None):
+                 keep_image: bool = False, known_unreadable: dict[str, str] | None = None,
+                 proposer_spec: ModelSpec | None = None):
         self.images, self.masks, self.spec, self.keep = images, masks, spec, keep_image
+        self.proposer_spec = proposer_spec
         self.known = known_unreadable or {}  # image path -> error, found by an earlier header check
 
     def __len__(self) -> int:
@@ -50,6 +53,8 @@ class ImageItems(Dataset):
             err = size_mismatch(self.masks[i], item["mask"].shape, path, image.shape[:2])
             return {**item, "status": "mask_error", "error": str(err)}
         item["canvas"], item["resize"] = preprocess(image, self.spec)
+        if self.proposer_spec is not None:  # same size, so the same Resize record
+            item["proposer_canvas"] = preprocess(image, self.proposer_spec)[0]
         if self.keep:
             item["image"] = image
         return item

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from polypsam.errors import ConfigError
-from polypsam.models.sam import ModelSpec, normalize_canvas
+from polypsam.models.sam import ModelSpec, encoder_fingerprint, normalize_canvas
 
 IMAGENET_MEAN = (123.675, 116.28, 103.53)  # on the 0-255 scale, as ModelSpec keeps them
 IMAGENET_STD = (58.395, 57.12, 57.375)
@@ -62,6 +62,10 @@ class SmpSegmenter(nn.Module):
                 embeddings = self.encode(images, input_hw)
         logits = self.segmentation_head(self.decoder(embeddings))
         return logits, logits.new_full((prompt_image_index.shape[0], 1), float("nan"))
+
+    def encoder_fingerprint(self) -> str:
+        """``PromptableSAM.encoder_fingerprint``: whether two networks' encoders compute the same features."""
+        return encoder_fingerprint(self.image_encoder, self.spec)
 
     def smp_state_dict(self) -> dict:
         """The weights in segmentation-models-pytorch's own layout (``smp.create_model(...).state_dict()``)."""

@@ -36,6 +36,10 @@ class ModelSpec:
     def low_res_size(self) -> int:
         return self.embedding_size * 4
 
+    def canvas_key(self) -> str:
+        """The uint8 canvas the data side makes (size, resize, pad); normalisation happens in the network."""
+        return f"size={self.image_size};resize={self.resize_method}-longest-side;pad=bottom-right-zero"
+
     def preprocessing_key(self) -> str:
         """Everything about preprocessing that changes an embedding (cache keys)."""
         return (f"size={self.image_size};norm={self.normalization};mean={self.pixel_mean};"
@@ -158,8 +162,13 @@ class PromptableSAM(nn.Module):
     # -- identity -------------------------------------------------------------------------------
     def encoder_fingerprint(self) -> str:
         """A digest of the image encoder's weights and buffers and the preprocessing (the embedding-cache key)."""
-        state = sorted(self.image_encoder.state_dict().items())
-        return tensor_digest((t for _, t in state), f"{self.spec.preprocessing_key()}{self.spec.name}")[:24]
+        return encoder_fingerprint(self.image_encoder, self.spec)
+
+
+def encoder_fingerprint(image_encoder: nn.Module, spec: ModelSpec) -> str:
+    """What an image encoder computes from a canvas: its weights and buffers, the model and preprocessing."""
+    state = sorted(image_encoder.state_dict().items())
+    return tensor_digest((t for _, t in state), f"{spec.preprocessing_key()}{spec.name}")[:24]
 
 
 def normalize_canvas(images: torch.Tensor, input_hw: torch.Tensor, normalization: str, mean: torch.Tensor,

@@ -75,7 +75,8 @@ def run_prediction(net: PromptableSAM, plan: Plan, out_dir: str | Path, identity
     predictor = Predictor(net, device, precision, build_frozen_encoder(net, runtime or RuntimeSettings(), device))
     auto = AutoPredictor(predictor, prompt, proposer) if prompt is not None and prompt.from_model else None
     identity = dict(identity or {})
-    items = ImageItems([j.image for j in plan.jobs], net.spec, keep_image=overlays)
+    items = ImageItems([j.image for j in plan.jobs], net.spec, keep_image=overlays,
+                       proposer_spec=auto.proposer_spec if auto else None)
     loader = DataLoader(items, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=as_list)
     done, model_seconds = 0, 0.0
     t_start = time.perf_counter()
@@ -94,7 +95,7 @@ def run_prediction(net: PromptableSAM, plan: Plan, out_dir: str | Path, identity
             canvases, resizes = torch.stack([it["canvas"] for it in good]), [it["resize"] for it in good]
             stage1 = [None] * len(good)
             if auto is not None:
-                two = auto.predict(canvases, resizes)
+                two = auto.predict(canvases, resizes, auto.stage1_canvases(good))
                 preds, stage1 = two.refined, two.proposal
             else:
                 preds = predictor.predict(canvases, resizes, [j.prompts for j in jobs])

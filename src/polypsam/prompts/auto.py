@@ -50,8 +50,9 @@ class Proposals:
 @register_prompt("auto")
 @dataclass(frozen=True)
 class AutoPrompt(PromptType):
-    """proposer: a checkpoint for stage 1 (its model and preprocessing must equal the refiner's); None:
-    the evaluated or predicted network proposes for itself.
+    """proposer: a checkpoint for stage 1 that reads the refiner's canvas (input size and resize): a SAM
+    trained with prompt=mixed or none, or a prompt-free baseline such as the U-Net; None: the evaluated or
+    predicted network proposes for itself.
     settings: a file of settings chosen on validation (``python -m polypsam.select_auto``) that replaces
       the ones below; auto: ``<checkpoint stem>.auto.json`` beside the checkpoint when there is one; None:
       these settings as they are. A ``prompt.<key>=`` given on the command line wins over the file.

@@ -1,5 +1,6 @@
 """The settings file of ``prompt=auto``: proposal settings chosen on validation by ``python -m
-polypsam.select_auto``, written beside the checkpoint as ``<stem>.auto.json``, read by evaluate and predict.
+polypsam.select_auto``, written beside the checkpoint as ``<stem>.auto.json`` (``<stem>.auto-proposer-<sha>.json``
+for a separate proposer), read by evaluate and predict.
 
 Precedence: ``prompt.<key>=`` given on the command line > the file > ``conf/prompt/auto.yaml``. A file
 is for one checkpoint (its sha256), model and preprocessing; another's is refused.
@@ -25,10 +26,13 @@ _IDENTITY = ("checkpoint_sha256", "model", "preprocessing", "proposer_sha256")
 _HOW = "choose settings for it with python -m polypsam.select_auto ckpt_path=<checkpoint>"
 
 
-def beside(ckpt_path: str | Path) -> Path:
-    """``<checkpoint stem>.auto.json`` in the checkpoint's folder."""
+def beside(ckpt_path: str | Path, proposer: str | Path | None = None) -> Path:
+    """``<checkpoint stem>.auto.json`` in the checkpoint's folder; with a separate proposer (``prompt.proposer``)
+    ``<stem>.auto-proposer-<its sha256, 12 digits>.json``, so the settings of each stage 1 live side by side."""
     path = Path(ckpt_path).expanduser()
-    return path.with_name(f"{path.stem}.auto.json")
+    if proposer is None:
+        return path.with_name(f"{path.stem}.auto.json")
+    return path.with_name(f"{path.stem}.auto-proposer-{sha256_file(proposer)[:12]}.json")
 
 
 def identity(ckpt_path: str | Path | None, spec, proposer: str | Path | None = None) -> dict[str, Any]:
@@ -67,11 +71,12 @@ def read(path: Path) -> dict:
 
 
 def find(prompt: AutoPrompt, ckpt_path: str | Path | None) -> Path | None:
-    """The file ``prompt.settings`` names: auto: beside the checkpoint when there; a path: it must exist."""
+    """The file ``prompt.settings`` names: auto: beside the checkpoint (for its proposer) when there; a path:
+    it must exist."""
     if prompt.settings is None:
         return None
     if prompt.settings == "auto":
-        path = beside(ckpt_path) if ckpt_path else None
+        path = beside(ckpt_path, prompt.proposer) if ckpt_path else None
         return path if path is not None and path.is_file() else None
     path = Path(prompt.settings).expanduser()
     if not path.is_file():
