@@ -54,6 +54,7 @@ class Row:
     eval_dir: str = "eval"
     select: bool = False  # choose prompt=auto's settings on validation first (python -m polypsam.select_auto)
     proposer: str | None = None  # prompt=auto's stage 1 from another run's best.ckpt (the job's name)
+    grid: tuple[str, ...] = ()  # select_auto's grid.<key>= overrides; the settings then go to a file of the row's own
 
     def proposer_args(self, runs: Path) -> list[str]:
         return [f"prompt.proposer={proposer_ckpt(self, runs)}"] if self.proposer else []
@@ -74,7 +75,11 @@ ROWS = (
     Row("dec_auto_sel", "decoder only, automatic (auto), settings chosen on validation", "dec_mixed_s42",
         ("prompt=auto",), "eval_auto_sel", select=True),
     Row("dec_auto_unet", "decoder only refining a U-Net's boxes (auto, stage 1: unet_conv_s42), settings chosen "
-        "on validation", "dec_mixed_s42", ("prompt=auto",), "eval_auto_unet", select=True, proposer="unet_conv_s42"),
+        "on validation (before blend: stage 1 the U-Net alone)", "dec_mixed_s42", ("prompt=auto",), "eval_auto_unet",
+        select=True, proposer="unet_conv_s42"),
+    Row("dec_auto_ens", "decoder only, auto with stage 1 the mean of the U-Net and the decoder's own no-prompt map "
+        "(blend chosen on validation)", "dec_mixed_s42", ("prompt=auto",), "eval_auto_ens", select=True,
+        proposer="unet_conv_s42", grid=("grid.blend=[0.5,1.0]",)),
     Row("lora_box_bf16_s42", "LoRA (encoder) + decoder, box, bf16 autocast training", "lora_box_bf16_s42"),
     Row("dec_box_bf16_s42", "decoder only, box, seed 42, bf16 autocast training", "dec_box_bf16_s42"),
     Row("unet_s42", "U-Net baseline (smp), no prompt, 3 epochs (under-trained)", "unet_s42"),
@@ -101,6 +106,11 @@ PAIRS = (("what fine-tuning buys", "dec_box", "zero_shot_box"),
          ("a U-Net's boxes against SAM's own automatic boxes", "dec_auto_unet", "dec_auto_sel"),
          ("a U-Net's boxes against no box", "dec_auto_unet", "dec_none"),
          ("oracle box against a U-Net's boxes", "dec_mixed_box", "dec_auto_unet"),
+         ("ensemble stage 1 against the U-Net's boxes", "dec_auto_ens", "dec_auto_unet"),
+         ("ensemble stage 1 against SAM's own automatic boxes", "dec_auto_ens", "dec_auto_sel"),
+         ("ensemble stage 1 against no box", "dec_auto_ens", "dec_none"),
+         ("ensemble stage 1 against the U-Net alone", "dec_auto_ens", "unet_conv_s42"),
+         ("oracle box against the ensemble's boxes", "dec_mixed_box", "dec_auto_ens"),
          ("bf16 training against fp32 (LoRA)", "lora_box_bf16_s42", "lora_box_s42"),
          ("bf16 training against fp32 (decoder only, seed 42)", "dec_box_bf16_s42", "dec_box_s42"))
 # Rows trained before frozen parts were held in eval mode (issue 18): their old figures, kept for the errata
@@ -121,8 +131,10 @@ def proposer_ckpt(row: Row, runs: Path) -> Path | None:
 
 
 def settings_file(row: Row, runs: Path) -> Path:
-    """Where select_auto writes the row's chosen settings (one file per checkpoint and proposer)."""
-    return auto_settings.beside(run_dir(row, runs) / "checkpoints" / "best.ckpt", proposer_ckpt(row, runs))
+    """Where select_auto writes the row's chosen settings: beside the checkpoint (one file per proposer), or
+    ``<stem>.auto-<row>.json`` for a row with its own grid."""
+    best = run_dir(row, runs) / "checkpoints" / "best.ckpt"
+    return best.with_name(f"best.auto-{row.name}.json") if row.grid else auto_settings.beside(best, proposer_ckpt(row, runs))
 
 
 def run_dir(row: Row, runs: Path) -> Path:
@@ -156,12 +168,14 @@ def run_row(row: Row, runs: Path, rerun: bool = False) -> None:
             _call("polypsam.train", "+sweep=lite_cpu", f"+sweep/lite_cpu_jobs={row.job}", f"hydra.run.dir={run}")
     out = eval_dir(row, runs)
     best = run / "checkpoints" / "best.ckpt"
+    own = [f"out={settings_file(row, runs)}", *row.grid] if row.grid else []
     if row.select and not settings_file(row, runs).is_file():
-        _call("polypsam.select_auto", f"ckpt_path={best}", *row.proposer_args(runs), f"data.root={DATA}",
-              f"data.split_file={OUT / 'split.json'}", f"hydra.run.dir={run / '_'.join(filter(None, ('select_auto', row.proposer)))}")
+        _call("polypsam.select_auto", f"ckpt_path={best}", *row.proposer_args(runs), *own, f"data.root={DATA}",
+              f"data.split_file={OUT / 'split.json'}", f"hydra.run.dir={out.with_name(f'select_{out.name}')}")
     if row.evaluate and not (out / "summary.csv").is_file():
         ckpt = [f"ckpt_path={best}"] if row.job else []
-        _call("polypsam.evaluate", *ckpt, *row.evaluate, *row.proposer_args(runs), f"data.root={DATA}",
+        chosen = [f"prompt.settings={settings_file(row, runs)}"] if row.grid else []
+        _call("polypsam.evaluate", *ckpt, *row.evaluate, *row.proposer_args(runs), *chosen, f"data.root={DATA}",
               f"hydra.run.dir={out}")
 
 
@@ -278,7 +292,8 @@ def write_report(done: list[tuple[Row, Path]]) -> None:
                   "Old figures: the records of commit 19e0dc8 (`git show 19e0dc8:experiments/results/lite_cpu/"
                   "rows/<row>/eval/summary.csv`); what changed in the conclusions is in the notes below.", ""]
     for name, title in (("dec_auto", "default settings"), ("dec_auto_sel", "settings chosen on validation"),
-                        ("dec_auto_unet", "a U-Net as stage 1, settings chosen on validation")):
+                        ("dec_auto_unet", "a U-Net as stage 1, settings chosen on validation"),
+                        ("dec_auto_ens", "stage 1 the mean of the U-Net and SAM, settings chosen on validation")):
         if name in results and results[name].detection is not None:
             parts += [f"## No box: what stage 1 proposed ({title})", "", detection_markdown(results[name].detection),
                       ""]

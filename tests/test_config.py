@@ -8,7 +8,7 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf, open_dict
 
 from polypsam.config import CONF_DIR, derive_accumulation
-from polypsam.devices import device_count, resolve_precision
+from polypsam.devices import cpu_has_amx_bf16, device_count, resolve_precision
 from polypsam.models import available_models
 
 EXPERIMENTS = sorted(p.stem for p in (Path(CONF_DIR) / "experiment").glob("*.yaml"))
@@ -68,17 +68,25 @@ def test_device_count():
     assert device_count("auto", "cpu") == 1
 
 
-def test_precision_auto_picks_what_the_machine_runs_best(monkeypatch):
+def test_precision_auto_picks_what_the_machine_runs_best(monkeypatch, tmp_path):
     import torch
 
     assert resolve_precision("16-mixed") == "16-mixed" and resolve_precision(32) == 32  # explicit values stay
-    assert resolve_precision("auto", "cpu") == "32"
-    if not torch.cuda.is_available():  # this machine, for real
-        assert resolve_precision("auto", "auto") == "32"
+    on_cpu = "bf16-mixed" if cpu_has_amx_bf16() else "32"  # this machine's CPU, for real
+    assert resolve_precision("auto", "cpu") == on_cpu
+    if not torch.cuda.is_available():
+        assert resolve_precision("auto", "auto") == on_cpu
+    # CPU generations, from their /proc/cpuinfo flags
+    amx, epyc = tmp_path / "xeon_sapphire_rapids", tmp_path / "epyc_milan"
+    amx.write_text("flags\t\t: fpu avx512f avx512_bf16 amx_bf16 amx_tile amx_int8\n")
+    epyc.write_text("flags\t\t: fpu avx2 sha_ni\n")
+    assert resolve_precision("auto", "cpu", cpuinfo=amx) == "bf16-mixed" and cpu_has_amx_bf16(amx)
+    assert resolve_precision("auto", "cpu", cpuinfo=epyc) == "32" and not cpu_has_amx_bf16(epyc)
+    assert resolve_precision("auto", "cpu", cpuinfo=tmp_path / "absent") == "32"
     # GPU generations (no GPU here: the two queries are stood in for)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     for capability, expected in (((7, 0), "16-mixed"), ((7, 5), "16-mixed"), ((8, 0), "bf16-mixed"),
                                  ((9, 0), "bf16-mixed")):
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, c=capability: c)
         assert resolve_precision("auto", "gpu") == expected, capability
-    assert resolve_precision("auto", "cpu") == "32"  # a CPU run on a GPU machine
+    assert resolve_precision("auto", "cpu", cpuinfo=epyc) == "32"  # a CPU run on a GPU machine

@@ -256,6 +256,15 @@ def test_a_unet_proposes_for_sam_from_its_own_canvas(tmp_path):
     boxed = refiner.predict(canvases, resizes, [r.prompts for r in two.refined])
     for got, want in zip(two.refined, boxed):
         np.testing.assert_array_equal(got.prob, want.prob)
+    # blend: stage 1 averages the U-Net with the refiner's own prompt-free map, and the boxes come from that
+    half = AutoPredictor(refiner, dataclasses.replace(auto.prompt, blend=0.5), unet)
+    mixed = half.predict(canvases, resizes, half.stage1_canvases(items))
+    sam = refiner.predict(canvases, resizes, [PromptSet(empty=True) for _ in rgb])
+    for got, u, m in zip(mixed.proposal, own, sam):
+        np.testing.assert_allclose(got.prob, 0.5 * u.prob + 0.5 * m.prob, rtol=0, atol=1e-6)
+    first = mixed.refined[0].prompts.boxes
+    want = half.prompt.proposals(half.prompt.components(mixed.proposal[0].prob)).boxes
+    np.testing.assert_array_equal(first, want[:len(first)])
     # end to end: evaluate's stage-1 companion is the U-Net's own prompt-free evaluation, with no warning
     prompt = AutoPrompt(proposer="unet.ckpt", min_score=0.0, min_area=0.0)
     assert untrained_prompt_warning(prompt, {"config": {"prompt": {"type": "box"}}}, unet) is None

@@ -50,6 +50,7 @@ class Grid:
     clear_margin: tuple[float, ...]
     final_score: tuple[float, ...]
     rebox: tuple[int, ...]
+    blend: tuple[float, ...]
 
     @classmethod
     def from_cfg(cls, grid) -> Grid:
@@ -64,12 +65,13 @@ class Grid:
         """The default first, then every combination not equal to one before it."""
         keeps = [("all", default.clear_margin)] * ("all" in self.keep) + \
             [("clear", m) for m in self.clear_margin] * ("clear" in self.keep)
+        blends = self.blend if default.proposer else (default.blend,)  # a blend needs a separate proposer
         out = {default: None}
-        for thr, ms, ma, mg, sc, (kp, cm), fs, rb in itertools.product(
+        for thr, ms, ma, mg, sc, (kp, cm), fs, rb, bl in itertools.product(
                 self.threshold, self.min_score, self.min_area, self.margin, self.score, keeps, self.final_score,
-                self.rebox):
+                self.rebox, blends):
             out.setdefault(dataclasses.replace(default, threshold=thr, min_score=ms, min_area=ma, margin=mg, score=sc,
-                                               keep=kp, clear_margin=cm, final_score=fs, rebox=rb))
+                                               keep=kp, clear_margin=cm, final_score=fs, rebox=rb, blend=bl))
         return list(out)
 
 
@@ -111,7 +113,7 @@ def sweep(auto, predictor, cache, recs: list[Record], points: list[AutoPrompt], 
             continue
         stages = auto.stage1(batch_embeddings(predictor, cache, ok, recs), [it["resize"] for it in ok],
                              auto.stage1_canvases(ok))
-        cols["none"] += [dice_iou(p.prob > threshold, it["mask"])[0] for p, it in zip(stages.proposal, ok)]
+        cols["none"] += [dice_iou(p.prob > threshold, it["mask"])[0] for p, it in zip(stages.maps(points[0]), ok)]
         cols["has_polyp"] += [bool(it["mask"].any()) for it in ok]
         scored: dict[tuple[int, bytes], tuple[float, int, int]] = {}  # (image, kept boxes) -> its scores
         per_point = []

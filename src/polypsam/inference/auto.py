@@ -28,7 +28,7 @@ MASK_THRESHOLD = 0.5  # a proposal's own stage-2 mask, for the agreement score
 @dataclass
 class AutoPrediction:
     """refined: stage 2 per image (its prompts are the kept boxes with their scores; no box: a miss).
-    proposal: stage 1 per image, the prompt-free prediction the boxes came from."""
+    proposal: stage 1 per image, the prompt-free prediction the boxes came from (blended, ``AutoPrompt.blend``)."""
 
     refined: list[Prediction]
     proposal: list[Prediction]
@@ -40,17 +40,33 @@ class AutoBatch:
     settings ask for it (``refine`` once per setting: the selection command's grid)."""
 
     def __init__(self, refiner: Predictor, embeddings: torch.Tensor, resizes: list[Resize],
-                 proposal: list[Prediction]):
+                 proposal: list[Prediction], own: list[Prediction] | None = None):
+        """proposal: the proposer's prompt-free predictions; own: the refiner's, when the proposer is another
+        network (``AutoPrompt.blend`` mixes the two)."""
         self.refiner, self.embeddings, self.resizes, self.proposal = refiner, embeddings, resizes, proposal
-        self._components: dict[tuple[int, float], Components] = {}
+        self.own = own
+        self._maps: dict[tuple[int, float], np.ndarray] = {}
+        self._components: dict[tuple[int, float, float], Components] = {}
         self._boxes: dict[tuple[int, bytes], tuple[torch.Tensor, float]] = {}  # one box's logits and IoU
         self._decoded: dict[tuple[int, bytes], Prediction] = {}
-        self._parts: dict[tuple[int, float, int, bytes], tuple[float, float]] = {}
+        self._parts: dict[tuple[int, float, float, int, bytes], tuple[float, float]] = {}
+
+    def stage1_prob(self, j: int, blend: float) -> np.ndarray:
+        """Image j's stage-1 probability: blend x the proposer's + (1 - blend) x the refiner's own."""
+        if self.own is None or blend == 1:
+            return self.proposal[j].prob
+        if (j, blend) not in self._maps:
+            self._maps[(j, blend)] = blend * self.proposal[j].prob + (1 - blend) * self.own[j].prob
+        return self._maps[(j, blend)]
+
+    def maps(self, prompt: AutoPrompt) -> list[Prediction]:
+        """Stage 1 under ``prompt``'s blend, one prediction per image (the ``none`` companion)."""
+        return [Prediction(self.stage1_prob(j, prompt.blend), p.prompts, p.iou) for j, p in enumerate(self.proposal)]
 
     def components(self, j: int, prompt: AutoPrompt) -> Components:
-        key = (j, prompt.threshold)
+        key = (j, prompt.threshold, prompt.blend)
         if key not in self._components:
-            self._components[key] = prompt.components(self.proposal[j].prob)
+            self._components[key] = prompt.components(self.stage1_prob(j, prompt.blend))
         return self._components[key]
 
     def _decode_boxes(self, requests: list[tuple[int, np.ndarray]]) -> None:
@@ -94,7 +110,7 @@ class AutoBatch:
     def _score_parts(self, j: int, prompt: AutoPrompt, comps: Components, props: Proposals
                      ) -> tuple[np.ndarray, np.ndarray]:
         """Per proposal: IoU of its own stage-2 mask with its component, and SAM's predicted IoU."""
-        keys = [(j, prompt.threshold, int(i), b.tobytes()) for i, b in zip(props.ids, props.boxes)]
+        keys = [(j, prompt.threshold, prompt.blend, int(i), b.tobytes()) for i, b in zip(props.ids, props.boxes)]
         if any(k not in self._parts for k in keys):
             alone = self.decode([(j, b[None]) for b in props.boxes])  # each box on its own
             for k, i, pred in zip(keys, props.ids, alone):
@@ -180,14 +196,17 @@ class AutoPredictor:
             if canvases is None:
                 raise ValueError("AutoPredictor.stage1: a proposer with its own encoder needs the canvases")
             first_emb = self.proposer.encode(canvases, resizes)
-        proposal = self.proposer.decode(first_emb, resizes, [PromptSet(empty=True) for _ in resizes])
-        return AutoBatch(self.refiner, embeddings, resizes, proposal)
+        empty = [PromptSet(empty=True) for _ in resizes]
+        proposal = self.proposer.decode(first_emb, resizes, empty)
+        # a separate proposer: the refiner's own prompt-free maps too (one more decoder pass), for blend
+        own = self.refiner.decode(embeddings, resizes, empty) if self.proposer is not self.refiner else None
+        return AutoBatch(self.refiner, embeddings, resizes, proposal, own)
 
     def decode(self, embeddings: torch.Tensor, resizes: list[Resize], canvases: torch.Tensor | None = None
                ) -> AutoPrediction:
         """Both stages under this predictor's settings."""
         batch = self.stage1(embeddings, resizes, canvases)
-        return AutoPrediction(batch.refine(self.prompt), batch.proposal)
+        return AutoPrediction(batch.refine(self.prompt), batch.maps(self.prompt))
 
     def predict(self, canvases: torch.Tensor, resizes: list[Resize], stage1_canvases: torch.Tensor | None = None
                 ) -> AutoPrediction:

@@ -23,7 +23,7 @@ SCORES = ("mean_prob", "agreement", "prob_x_agreement", "iou_head")
 KEEPS = ("all", "clear")
 # the settings a selection file (python -m polypsam.select_auto) carries: all but where they come from
 TUNED = ("threshold", "min_score", "min_area", "margin", "margin_px", "max_boxes", "score", "keep",
-         "clear_margin", "final_score", "rebox")
+         "clear_margin", "final_score", "rebox", "blend")
 MAX_REBOX = 3
 
 
@@ -74,6 +74,9 @@ class AutoPrompt(PromptType):
     rebox: box -> mask -> box rounds after keeping: each kept box is replaced by the tight box of its own
       stage-2 mask (unchanged when that mask is empty), then the set is decoded again. A padded stage-1
       box is loose, and a box-prompted SAM is trained on tight boxes (0: the kept boxes as they are).
+    blend: with a separate proposer, stage 1's probability is blend x the proposer's + (1 - blend) x the
+      refiner's own prompt-free probability: an ensemble of two networks that err differently (1: the
+      proposer alone; without a proposer it changes nothing).
     """
 
     proposer: str | None = None
@@ -89,6 +92,7 @@ class AutoPrompt(PromptType):
     clear_margin: float = 0.2
     final_score: float = 0.0
     rebox: int = 0
+    blend: float = 1.0
     seed: int = 0
     from_model: ClassVar[bool] = True
 
@@ -106,6 +110,8 @@ class AutoPrompt(PromptType):
         if not (0 <= self.clear_margin <= 1 and 0 <= self.final_score <= 1):
             raise ConfigError(f"prompt=auto: clear_margin={self.clear_margin} and final_score={self.final_score} "
                               "must lie in [0, 1] (scores are fractions).")
+        if not 0 <= self.blend <= 1:
+            raise ConfigError(f"prompt=auto: blend={self.blend} must lie in [0, 1] (the proposer's share of stage 1).")
         if not (isinstance(self.rebox, int) and 0 <= self.rebox <= MAX_REBOX):
             raise ConfigError(f"prompt=auto: rebox={self.rebox!r} must be a whole number of box -> mask -> box "
                               f"rounds from 0 to {MAX_REBOX}.")
@@ -179,6 +185,8 @@ class AutoPrompt(PromptType):
 
     def describe(self) -> str:
         who = f"the proposer {self.proposer}" if self.proposer else "the same network"
+        if self.proposer and self.blend < 1:
+            who = f"{who} (weight {self.blend:g}) averaged with the refiner itself"
         keep = (f"the best alone when it leads the runner-up by {self.clear_margin:g}, else all" if self.keep == "clear"
                 else "all")
         return (f"automatic, two stages: {who} segments with no prompt; components with mean probability >= "
