@@ -48,15 +48,15 @@ def _seconds(net, folder: Path, n: int, prompt, runtime: RuntimeSettings, propos
     return s["seconds_per_image"], s
 
 
-def rows(net, ckpt: str | None, folder: Path, n: int, runtime: RuntimeSettings, proposer: str | None = None
-         ) -> list[list[str]]:
+def rows(net, ckpt: str | None, folder: Path, n: int, runtime: RuntimeSettings, proposer: str | None = None,
+         proposer_settings: str | None = None) -> list[list[str]]:
     auto = build_prompt({"type": "auto"})
     prompts = [("none", build_prompt({"type": "none"}), None), ("auto, conf/prompt/auto.yaml", auto, None)]
     if ckpt and auto_settings.beside(ckpt).is_file():
         chosen, _ = auto_settings.resolve(auto, ckpt, net.spec, explicit=set())
         prompts.append((f"auto, {auto_settings.beside(ckpt).name}", chosen, None))
     if proposer:
-        other = build_prompt({"type": "auto", "proposer": proposer})
+        other = build_prompt({"type": "auto", "proposer": proposer, "settings": proposer_settings or "auto"})
         chosen, record = auto_settings.resolve(other, ckpt, net.spec, explicit=set())
         file = Path(record["file"]).name if record else "conf/prompt/auto.yaml"
         prompts.append((f"auto, stage 1 {Path(proposer).parent.parent.name}, {file}", chosen,
@@ -74,6 +74,7 @@ def main(argv=None) -> None:
     p.add_argument("--ckpt", default=None, help="a prompt=mixed checkpoint (default: LiteMedSAM zero-shot)")
     p.add_argument("--data-root", default=os.environ.get("POLYPSAM_DATA_ROOT", str(DEFAULT_DATA)))
     p.add_argument("--proposer", default=None, help="a prompt-free checkpoint (a U-Net) as auto's stage 1")
+    p.add_argument("--proposer-settings", default=None, help="its settings file (default: the one beside --ckpt)")
     p.add_argument("--frames", type=int, default=16)
     p.add_argument("--runtime", default="openvino", help="the frozen encoder's runtime (model.runtime)")
     p.add_argument("--precision", default="fp32", help="its precision (model.runtime_precision): fp32 or bf16")
@@ -84,7 +85,8 @@ def main(argv=None) -> None:
     n = 2 if args.smoke else args.frames
     info = device_info(torch.device("cpu"))
     table = rows(net, args.ckpt, Path(args.data_root) / "TestDataset" / "Kvasir", n,
-                 RuntimeSettings(args.runtime, args.precision), args.proposer)
+                 RuntimeSettings(args.runtime, args.precision), args.proposer,
+                 args.proposer_settings)
     head = (f"{info['name']}, {usable_cpus()} cores, load average {info['loadavg_start']:.1f} at start (shared), "
             f"{args.runtime} {args.precision} encoder, {n} Kvasir frames, checkpoint "
             f"{args.ckpt or 'LiteMedSAM zero-shot'}, "

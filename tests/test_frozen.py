@@ -7,6 +7,8 @@ whose image encoder starts with BatchNorm and dropout, as LiteMedSAM's TinyViT h
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import lightning as L
 import pytest
 import torch
@@ -19,8 +21,11 @@ from polypsam.config import (
     model_from_cfg,
     prompt_from_cfg,
 )
-from polypsam.data.embedding_cache import EmbeddingCache
+from polypsam.data.embedding_cache import EmbeddingCache, file_digest
+from polypsam.data.io import read_image
 from polypsam.errors import FrozenStateChanged
+from polypsam.inference import Predictor
+from polypsam.inference.predictor import preprocess
 from polypsam.models import build_model
 from polypsam.models.freeze import freeze_strategy
 from polypsam.models.frozen import module_state
@@ -199,3 +204,27 @@ def test_entries_of_the_unversioned_cache_are_never_read(tmp_path):
     old = EmbeddingCache(tmp_path / net.encoder_fingerprint())
     old.save("a" * 32, torch.ones(32, 8, 8))
     assert EmbeddingCache.for_model(tmp_path, net).load("a" * 32) is None
+
+
+def test_bf16_training_fills_the_cache_with_exact_embeddings(tmp_path):
+    """trainer.precision=bf16-mixed (what precision=auto picks on a CPU with AMX): the frozen encoder's
+    cache entries are its fp32 embeddings, the ones evaluation computes and the cache's key promises,
+    never bf16 ones (which differ by more than the cache's fp16 storage)."""
+    cfg = _cfg(tmp_path, "bf16", "strategy=dec", "trainer.precision=bf16-mixed", "model.runtime=torch")
+    results = train(cfg)
+    assert results["epochs"] == 2
+    net = ModeProbe.last.module.net.eval()
+    cache = embedding_cache_from_cfg(cfg, net)
+    images = {file_digest(p): p for p in Path(cfg.data.root).rglob("*") if p.suffix in (".png", ".jpg")}
+    keys = [p.stem for p in cache.dir.glob("*/*.pt")]
+    assert len(keys) == 12  # 8 training and 4 validation images
+    predictor, worst_bf16 = Predictor(net, "cpu"), 0.0
+    for key in keys:
+        canvas, rz = preprocess(read_image(images[key]), net.spec)
+        exact = predictor.encode(canvas[None], [rz])[0]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = predictor.encode(canvas[None], [rz])[0].float()
+        scale = exact.abs().max()
+        assert (cache.load(key).float() - exact).abs().max() <= 2e-3 * scale, key
+        worst_bf16 = max(worst_bf16, float((low - exact).abs().max() / scale))
+    assert worst_bf16 > 2e-3  # a bf16 entry would have failed the check above

@@ -63,7 +63,10 @@ class ServedEmbeddings(L.Callback):
 def test_training_serves_the_embeddings_evaluation_computes(small_root, tmp_path):
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose("train", overrides=[
-            "+experiment=dec_lite", f"data.root={small_root}", "data.num_workers=0", "scratch.batch_size=4",
+            # fp32: the first batch's loss is compared with an fp32 eval-mode step (bf16 training, which
+            # precision=auto picks on a CPU with AMX, is covered by test_frozen's cache test)
+            "+experiment=dec_lite", "trainer.precision=32", f"data.root={small_root}", "data.num_workers=0",
+            "scratch.batch_size=4",
             "scratch.effective_batch_size=4", "scratch.max_epochs=2", "validate_before_training=false",
             "test_after_training=false", "callbacks.rich_progress_bar=null", "callbacks.val_overlays=null",
             f"paths.root_dir={tmp_path}", f"paths.cache_dir={tmp_path / 'cache'}",

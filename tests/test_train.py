@@ -11,6 +11,8 @@ import pytest
 import torch
 import yaml
 
+from polypsam.devices import cpu_has_amx_bf16
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -32,8 +34,9 @@ def test_one_epoch_tiny_on_real_images(small_root, tmp_path):
                      "trainer.precision=auto")
     assert (run / "checkpoints" / "best.ckpt").is_file() and (run / "checkpoints" / "last.ckpt").is_file()
     assert (run / "config_resolved.yaml").is_file() and (run / ".hydra" / "config.yaml").is_file()
-    # the run records the precision it used: auto is 32 on this CPU
-    assert yaml.safe_load((run / "config_resolved.yaml").read_text())["trainer"]["precision"] == "32"
+    # the run records the precision it used: auto is bf16-mixed on a CPU with AMX, else 32
+    assert yaml.safe_load((run / "config_resolved.yaml").read_text())["trainer"]["precision"] == \
+        ("bf16-mixed" if cpu_has_amx_bf16() else "32")
     split = json.loads((run / "split.json").read_text())
     assert split["counts"] == {"train": 11, "val": 3}
     rows = list(csv.DictReader(open(run / "csv" / "metrics.csv")))

@@ -102,7 +102,7 @@ class PolypSAMModule(L.LightningModule):
         if emb is not None and bool(done.all()):
             return emb.float()
         todo = (~done).nonzero().flatten()
-        new = self.frozen_encoder.encode(batch.images[todo], batch.input_hw[todo])
+        new = self._encode_frozen(batch.images[todo], batch.input_hw[todo])
         if self.embedding_cache is not None:
             for j, t in enumerate(todo.tolist()):
                 self.embedding_cache.save(batch.keys[t], new[j])
@@ -111,6 +111,15 @@ class PolypSAMModule(L.LightningModule):
         emb = emb.float().clone()
         emb[todo] = new.to(emb.dtype)
         return emb
+
+    def _encode_frozen(self, images: torch.Tensor, input_hw: torch.Tensor) -> torch.Tensor:
+        """The frozen encoder's pass. With a cache, outside Lightning's mixed-precision autocast (bf16-mixed,
+        16-mixed): its entries are keyed as exact (fp32) embeddings, so a bf16 run must not write bf16 ones,
+        and every run, whatever its precision, reads the embeddings evaluation computes."""
+        if self.embedding_cache is None:
+            return self.frozen_encoder.encode(images, input_hw)
+        with torch.autocast(self.device.type, enabled=False):
+            return self.frozen_encoder.encode(images, input_hw)
 
     def _resident_embeddings(self, batch: Batch) -> torch.Tensor:
         """Embeddings kept in device memory: read from the disk cache or encoded once, then served from here."""
@@ -126,7 +135,7 @@ class PolypSAMModule(L.LightningModule):
         todo = [i for i, key in enumerate(keys) if key not in store]
         if todo:
             idx = torch.tensor(todo, device=self.device)
-            new = self.frozen_encoder.encode(batch.images[idx], batch.input_hw[idx])
+            new = self._encode_frozen(batch.images[idx], batch.input_hw[idx])
             for j, i in enumerate(todo):
                 cache.save(keys[i], new[j])
                 store[keys[i]] = new[j].to(torch.float16)
