@@ -265,6 +265,13 @@ def test_a_unet_proposes_for_sam_from_its_own_canvas(tmp_path):
     first = mixed.refined[0].prompts.boxes
     want = half.prompt.proposals(half.prompt.components(mixed.proposal[0].prob)).boxes
     np.testing.assert_array_equal(first, want[:len(first)])
+    # predict: a folder of frames, each resized for both networks in the loader; its masks are these
+    plan = plan_jobs(images[0].parent, prompt=half.prompt)
+    run_prediction(_tiny(), plan, tmp_path / "pred", device="cpu", progress=False, overlays=False,
+                   prompt=half.prompt, proposer=unet)
+    for path, want in zip(images, mixed.refined):
+        saved = np.asarray(Image.open(tmp_path / "pred" / "masks" / f"{path.stem}.png")) > 0
+        np.testing.assert_array_equal(saved, want.prob > 0.5)
     # end to end: evaluate's stage-1 companion is the U-Net's own prompt-free evaluation, with no warning
     prompt = AutoPrompt(proposer="unet.ckpt", min_score=0.0, min_area=0.0)
     assert untrained_prompt_warning(prompt, {"config": {"prompt": {"type": "box"}}}, unet) is None
