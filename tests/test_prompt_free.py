@@ -256,6 +256,11 @@ def test_a_unet_proposes_for_sam_from_its_own_canvas(tmp_path):
     boxed = refiner.predict(canvases, resizes, [r.prompts for r in two.refined])
     for got, want in zip(two.refined, boxed):
         np.testing.assert_array_equal(got.prob, want.prob)
+    # without a blend under 1 the refiner's own map is not decoded; asking for one then is an error
+    alone = auto.stage1(refiner.encode(canvases, resizes), resizes, auto.stage1_canvases(items))
+    assert alone.own is None
+    with pytest.raises(ValueError, match="blend=0.5 asked of a batch built without the refiner's own maps"):
+        alone.stage1_prob(0, 0.5)
     # blend: stage 1 averages the U-Net with the refiner's own prompt-free map, and the boxes come from that
     half = AutoPredictor(refiner, dataclasses.replace(auto.prompt, blend=0.5), unet)
     mixed = half.predict(canvases, resizes, half.stage1_canvases(items))

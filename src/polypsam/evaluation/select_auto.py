@@ -112,7 +112,7 @@ def sweep(auto, predictor, cache, recs: list[Record], points: list[AutoPrompt], 
         if not ok:
             continue
         stages = auto.stage1(batch_embeddings(predictor, cache, ok, recs), [it["resize"] for it in ok],
-                             auto.stage1_canvases(ok))
+                             auto.stage1_canvases(ok), tuple({p.blend for p in points}))
         cols["none"] += [dice_iou(p.prob > threshold, it["mask"])[0] for p, it in zip(stages.maps(points[0]), ok)]
         cols["has_polyp"] += [bool(it["mask"].any()) for it in ok]
         scored: dict[tuple[int, bytes], tuple[float, int, int]] = {}  # (image, kept boxes) -> its scores

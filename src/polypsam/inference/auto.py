@@ -40,11 +40,12 @@ class AutoBatch:
     settings ask for it (``refine`` once per setting: the selection command's grid)."""
 
     def __init__(self, refiner: Predictor, embeddings: torch.Tensor, resizes: list[Resize],
-                 proposal: list[Prediction], own: list[Prediction] | None = None):
-        """proposal: the proposer's prompt-free predictions; own: the refiner's, when the proposer is another
-        network (``AutoPrompt.blend`` mixes the two)."""
+                 proposal: list[Prediction], own: list[Prediction] | None = None, separate: bool = False):
+        """proposal: the proposer's prompt-free predictions; separate: the proposer is another network than
+        the refiner; own: then the refiner's prompt-free predictions, when a blend under 1 is to come
+        (``AutoPrompt.blend`` mixes the two)."""
         self.refiner, self.embeddings, self.resizes, self.proposal = refiner, embeddings, resizes, proposal
-        self.own = own
+        self.own, self.separate = own, separate
         self._maps: dict[tuple[int, float], np.ndarray] = {}
         self._components: dict[tuple[int, float, float], Components] = {}
         self._boxes: dict[tuple[int, bytes], tuple[torch.Tensor, float]] = {}  # one box's logits and IoU
@@ -52,9 +53,13 @@ class AutoBatch:
         self._parts: dict[tuple[int, float, float, int, bytes], tuple[float, float]] = {}
 
     def stage1_prob(self, j: int, blend: float) -> np.ndarray:
-        """Image j's stage-1 probability: blend x the proposer's + (1 - blend) x the refiner's own."""
-        if self.own is None or blend == 1:
+        """Image j's stage-1 probability: blend x the proposer's + (1 - blend) x the refiner's own (the same
+        network without a separate proposer: blending changes nothing)."""
+        if blend == 1 or not self.separate:
             return self.proposal[j].prob
+        if self.own is None:
+            raise ValueError(f"AutoBatch: blend={blend} asked of a batch built without the refiner's own maps; "
+                             "pass it to AutoPredictor.stage1(blends=...)")
         if (j, blend) not in self._maps:
             self._maps[(j, blend)] = blend * self.proposal[j].prob + (1 - blend) * self.own[j].prob
         return self._maps[(j, blend)]
@@ -187,10 +192,11 @@ class AutoPredictor:
     def spec(self):
         return self.refiner.spec
 
-    def stage1(self, embeddings: torch.Tensor, resizes: list[Resize], canvases: torch.Tensor | None = None
-               ) -> AutoBatch:
+    def stage1(self, embeddings: torch.Tensor, resizes: list[Resize], canvases: torch.Tensor | None = None,
+               blends: tuple[float, ...] | None = None) -> AutoBatch:
         """Stage 1 from the refiner's embeddings, or, when the proposer has its own encoder, from
-        ``canvases`` (``stage1_canvases``)."""
+        ``canvases`` (``stage1_canvases``). ``blends``: the blends the batch will be asked for (default: this
+        predictor's); the refiner's own map is decoded only when one is under 1."""
         first_emb = embeddings
         if not self.shared_encoder:
             if canvases is None:
@@ -198,9 +204,11 @@ class AutoPredictor:
             first_emb = self.proposer.encode(canvases, resizes)
         empty = [PromptSet(empty=True) for _ in resizes]
         proposal = self.proposer.decode(first_emb, resizes, empty)
-        # a separate proposer: the refiner's own prompt-free maps too (one more decoder pass), for blend
-        own = self.refiner.decode(embeddings, resizes, empty) if self.proposer is not self.refiner else None
-        return AutoBatch(self.refiner, embeddings, resizes, proposal, own)
+        # a separate proposer blended with the refiner: its own prompt-free maps too (one more decoder pass)
+        separate = self.proposer is not self.refiner
+        own = self.refiner.decode(embeddings, resizes, empty) if separate and min(
+            blends or (self.prompt.blend,)) < 1 else None
+        return AutoBatch(self.refiner, embeddings, resizes, proposal, own, separate)
 
     def decode(self, embeddings: torch.Tensor, resizes: list[Resize], canvases: torch.Tensor | None = None
                ) -> AutoPrediction:
