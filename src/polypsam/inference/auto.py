@@ -173,7 +173,7 @@ class AutoPredictor:
                     f"{proposer.spec.image_size} px inputs, the refiner {refiner.spec.name!r} "
                     f"{refiner.spec.image_size} px; use a proposer trained at model.image_size="
                     f"{refiner.spec.image_size}, or prompt.proposer=null to propose with the refiner itself.")
-            if proposer.spec.canvas_key() != refiner.spec.canvas_key():
+            if proposer.spec.resize_method != refiner.spec.resize_method:  # same size: only the resize differs
                 self.proposer_spec = proposer.spec
             self.proposer = Predictor(proposer, refiner.device, refiner.precision)
             self.shared_encoder = proposer.encoder_fingerprint() == refiner.net.encoder_fingerprint()

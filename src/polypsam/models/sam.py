@@ -36,10 +36,6 @@ class ModelSpec:
     def low_res_size(self) -> int:
         return self.embedding_size * 4
 
-    def canvas_key(self) -> str:
-        """The uint8 canvas the data side makes (size, resize, pad); normalisation happens in the network."""
-        return f"size={self.image_size};resize={self.resize_method}-longest-side;pad=bottom-right-zero"
-
     def preprocessing_key(self) -> str:
         """Everything about preprocessing that changes an embedding (cache keys)."""
         return (f"size={self.image_size};norm={self.normalization};mean={self.pixel_mean};"
