@@ -3,109 +3,132 @@
     python experiments/lite_cpu.py                     # run what is missing, then write the report
     python experiments/lite_cpu.py --report-only       # the report from the rows finished so far
     python experiments/lite_cpu.py --rows dec_box_s43 dec_box_s44 --runs /scratch/lite_cpu
+    python experiments/lite_cpu.py --fast --runs /tmp/r --out /tmp/o --data <PraNet tree>   # every kind of row, tiny
 
-A finished row is skipped: its evaluation in the runs folder holds summary.csv, or its records are
-already in experiments/results/lite_cpu/rows/ (``--rerun`` runs such rows again). A run with a last.ckpt
-resumes (``resume=<run>``); the others start fresh from conf/sweep/lite_cpu_jobs/. Stop it at any time
-(Ctrl-C, SIGTERM, the end of a session): the next call continues where it stopped. The report is built
-from the records, so rows run in other sessions (their run folders elsewhere) stay in it.
+Rows run in the order of what they need (``lite_cpu_rows.ordered``): a row whose proposer another row
+trains runs after it, and ``--rows`` adds the rows a named row needs. A finished row is skipped: its
+evaluation in the runs folder holds summary.csv, or its records are already in the results folder
+(``--rerun`` runs such rows again); a job another row needs is trained whenever its checkpoint is missing
+from the runs folder. A run with a last.ckpt resumes (``resume=<run>``); the others start fresh from
+conf/sweep/lite_cpu_jobs/. Stop it at any time (Ctrl-C, SIGTERM, the end of a session): the next call
+continues where it stopped. The report is built from the records, so rows run in other sessions stay in it.
+
+``--fast`` runs the same driver on a miniature: the random tiny SAM for LiteMedSAM, 64 px U-Nets, a few
+images and one epoch per job, one value per selection axis; by default one row of each kind (FAST_ROWS).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
-import pandas as pd
 from PIL import Image
 
-from polypsam import compare
+from polypsam.data.datamodule import folder_records
+from polypsam.data.splits import make_split, write_split
 from polypsam.prompts import auto_settings
-from polypsam.run_metrics import read_metrics
-from polypsam.study import paired_comparison, seed_mean, seed_spread, subset_means
-from polypsam.study.figures import robustness_all, validation_curves
-from polypsam.study.report import (
-    RowResult,
-    detection_markdown,
-    errata_markdown,
-    headline,
-    paired_markdown,
-    spread_markdown,
-    subset_markdown,
-)
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # the rows beside this script
-from lite_cpu_rows import DERIVED, ERRATA_CAUSE, PAIRS, ROWS, SEEDS, Row, proposer_ckpt  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the rows and the report beside this script
+from lite_cpu_report import write_report  # noqa: E402
+from lite_cpu_rows import FAST_ROWS, ROWS, Row, ordered, proposer_ckpt, trainers  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "experiments" / "results" / "lite_cpu"
 DATA = Path(os.environ.get("POLYPSAM_DATA_ROOT", REPO.parent / "shared" / "data" / "polyp"))
+# the fast mode's miniature of each network, and its limits
+FAST_MODEL = {"lite": ("model=tiny", "model.runtime=torch"), "unet": ("model.image_size=64",)}
+FAST_TRAIN = ("data.limit_train=6", "data.limit_val=3", "scratch.max_epochs=1", "scratch.batch_size=2",
+              "scratch.effective_batch_size=2", "data.num_workers=0")
+FAST_EVAL = ("data.limit_test=2", "robustness.noise=[0.0]", "figures=false", "save_masks=false")
 
 
-# Rows trained before frozen parts were held in eval mode (issue 18): their old figures, kept for the errata
-ERRATA = OUT / "errata_before.csv"
+@dataclass(frozen=True)
+class Study:
+    """Where one call of the driver reads and writes."""
+
+    runs: Path
+    out: Path = OUT
+    data: Path = DATA
+    fast: bool = False
+
+    @property
+    def split(self) -> Path:
+        return self.out / "split.json"
+
+    def run_dir(self, job: str) -> Path:
+        return self.runs / job
+
+    def eval_dir(self, row: Row) -> Path:
+        return self.run_dir(row.job) / row.eval_dir if row.job else self.run_dir(row.name)
+
+    def record_dir(self, row: Row) -> Path:
+        """The row's records beside the report (what the report reads)."""
+        return self.out / "rows" / row.name / (row.eval_dir if row.job else "")
+
+    def settings_file(self, row: Row) -> Path:
+        """Where select_auto writes the row's chosen settings: ``<stem>.auto-<row>.json`` beside the checkpoint."""
+        best = self.run_dir(row.job) / "checkpoints" / "best.ckpt"
+        return best.with_name(f"best.auto-{row.name}.json") if row.grid else auto_settings.beside(best)
+
+    def shared(self) -> list[str]:
+        """Overrides of every training, evaluation and selection: the data, and the fast mode's own caches."""
+        fast = [f"paths.cache_dir={self.runs / 'cache'}", f"data.embedding_cache.dir={self.runs / 'cache' / 'emb'}"]
+        return [f"data.root={self.data}", *(fast if self.fast else [])]
+
+    def call(self, module: str, *args: str) -> None:
+        print(f"[lite_cpu] python -m {module} {' '.join(args)}", flush=True)
+        subprocess.run([sys.executable, "-m", module, *args], check=True, cwd=REPO)
 
 
-def settings_file(row: Row, runs: Path) -> Path:
-    """Where select_auto writes the row's chosen settings: beside the checkpoint (one file per proposer), or
-    ``<stem>.auto-<row>.json`` for a row with its own grid."""
-    best = run_dir(row, runs) / "checkpoints" / "best.ckpt"
-    return best.with_name(f"best.auto-{row.name}.json") if row.grid else auto_settings.beside(best, proposer_ckpt(row, runs))
-
-
-def run_dir(row: Row, runs: Path) -> Path:
-    return runs / (row.job or row.name)
-
-
-def eval_dir(row: Row, runs: Path) -> Path:
-    return run_dir(row, runs) / row.eval_dir if row.job else run_dir(row, runs)
-
-
-def _call(module: str, *args: str) -> None:
-    print(f"[lite_cpu] python -m {module} {' '.join(args)}", flush=True)
-    subprocess.run([sys.executable, "-m", module, *args], check=True, cwd=REPO)
-
-
-def record_dir(row: Row) -> Path:
-    """The row's records in the repository (what the report reads)."""
-    return OUT / "rows" / row.name / (row.eval_dir if row.job else "")
-
-
-def run_row(row: Row, runs: Path, rerun: bool = False) -> None:
-    """Train (fresh or resumed) and evaluate one row, skipping what is done."""
-    if not rerun and (record_dir(row) / "summary.csv").is_file() and not (eval_dir(row, runs)).exists():
-        print(f"[lite_cpu] {row.name}: finished (records in {record_dir(row)}); skipped")
+def train_job(study: Study, job: str, model: str) -> None:
+    """Train a job (fresh, or resumed from its last.ckpt) unless its evaluation is there."""
+    run = study.run_dir(job)
+    if (run / "eval" / "summary.csv").is_file():
         return
-    run = run_dir(row, runs)
-    if row.job and not (run / "eval" / "summary.csv").is_file():
-        if (run / "checkpoints" / "last.ckpt").is_file():
-            _call("polypsam.train", f"resume={run}")
-        else:
-            _call("polypsam.train", "+sweep=lite_cpu", f"+sweep/lite_cpu_jobs={row.job}", f"hydra.run.dir={run}")
-    out = eval_dir(row, runs)
-    best = run / "checkpoints" / "best.ckpt"
-    own = [f"out={settings_file(row, runs)}", *row.grid] if row.grid else []
-    if row.select and not settings_file(row, runs).is_file():
-        _call("polypsam.select_auto", f"ckpt_path={best}", *row.proposer_args(runs), *own, f"data.root={DATA}",
-              f"data.split_file={OUT / 'split.json'}", f"hydra.run.dir={out.with_name(f'select_{out.name}')}")
+    if (run / "checkpoints" / "last.ckpt").is_file():
+        study.call("polypsam.train", f"resume={run}")
+        return
+    fast = [*FAST_TRAIN, *FAST_EVAL[:1], *FAST_MODEL[model]] if study.fast else []
+    study.call("polypsam.train", "+sweep=lite_cpu", f"+sweep/lite_cpu_jobs={job}", f"hydra.run.dir={run}",
+               f"data.split_file={study.split}", *study.shared(), *fast)
+
+
+def run_row(study: Study, row: Row, rerun: bool = False) -> None:
+    """Train what the row needs and the row's own job, then select and evaluate, skipping what is done."""
+    for job in row.needs:  # a proposer's checkpoint, trained here when the runs folder lacks it
+        if not (study.run_dir(job) / "checkpoints" / "best.ckpt").is_file():
+            train_job(study, job, trainers()[job].model)
+    if not rerun and (study.record_dir(row) / "summary.csv").is_file() and not study.eval_dir(row).exists():
+        print(f"[lite_cpu] {row.name}: finished (records in {study.record_dir(row)}); skipped")
+        return
+    if row.job:
+        train_job(study, row.job, row.model)
+    out = study.eval_dir(row)
+    best = study.run_dir(row.job) / "checkpoints" / "best.ckpt" if row.job else None
+    proposer = [f"prompt.proposer={proposer_ckpt(row, study.runs)}"] if row.proposer else []
+    if row.select and not study.settings_file(row).is_file():
+        study.call("polypsam.select_auto", f"ckpt_path={best}", f"out={study.settings_file(row)}", *proposer,
+                   *row.grid_args(smallest=study.fast), f"data.split_file={study.split}", *study.shared(),
+                   f"hydra.run.dir={out.with_name(f'select_{out.name}')}")
     if row.evaluate and not (out / "summary.csv").is_file():
-        ckpt = [f"ckpt_path={best}"] if row.job else []
-        chosen = [f"prompt.settings={settings_file(row, runs)}"] if row.grid else []
-        _call("polypsam.evaluate", *ckpt, *row.evaluate, *row.proposer_args(runs), *chosen, f"data.root={DATA}",
-              f"hydra.run.dir={out}")
+        asked = [a for a in row.evaluate if not (study.fast and a.startswith("model="))]
+        fast = [*FAST_EVAL, *(FAST_MODEL[row.model] if not row.job else ())] if study.fast else []
+        study.call("polypsam.evaluate", *([f"ckpt_path={best}"] if best else []), *asked, *proposer,
+                   *([f"prompt.settings={study.settings_file(row)}"] if row.select else []), *study.shared(),
+                   *fast, f"hydra.run.dir={out}")
 
 
-def copy_records(row: Row, runs: Path) -> Path | None:
+def copy_records(study: Study, row: Row) -> Path | None:
     """The row's small records beside the report (no checkpoint: its sha256 is in meta.json); the records
     already there when the run folder is not in ``runs``; None when the row has not finished."""
-    src, dst = eval_dir(row, runs), OUT / "rows" / row.name
+    src, dst = study.eval_dir(row), study.out / "rows" / row.name
     if not (src / "summary.csv").is_file():
-        return record_dir(row) if (record_dir(row) / "summary.csv").is_file() else None
+        return study.record_dir(row) if (study.record_dir(row) / "summary.csv").is_file() else None
     if dst.exists():
         shutil.rmtree(dst)
     ev = dst / row.eval_dir if row.job else dst
@@ -113,8 +136,7 @@ def copy_records(row: Row, runs: Path) -> Path | None:
     for f in src.iterdir():
         if f.suffix in (".csv", ".json", ".md", ".yaml"):
             shutil.copy(f, ev / f.name)
-    chosen = settings_file(row, runs)
-    if row.select and chosen.is_file():  # the settings the evaluation read, chosen on the validation split
+    if row.select and (chosen := study.settings_file(row)).is_file():  # read by the evaluation, chosen on validation
         shutil.copy(chosen, ev / chosen.name)
     # the best/median/worst figures show real frames: they stay in the run folder, never in the repository
     for f in sorted(src.glob("robustness.png")):
@@ -123,7 +145,7 @@ def copy_records(row: Row, runs: Path) -> Path | None:
         im.thumbnail((1100, 1100))
         im.save(ev / "figures" / f"{f.stem}.jpg", quality=80)
     if row.job:
-        run = run_dir(row, runs)
+        run = study.run_dir(row.job)
         for name in ("config_resolved.yaml", "split.json", "results.json", "provenance.json", "data_report.json"):
             if (run / name).is_file():
                 shutil.copy(run / name, dst / name)
@@ -133,117 +155,47 @@ def copy_records(row: Row, runs: Path) -> Path | None:
     return ev
 
 
-def data_notes(runs: Path) -> None:
+def data_notes(study: Study) -> None:
     """polypsam's own data reports: masks stretched by specks, test frames with a near-duplicate in training."""
-    if not (OUT / "specks.json").is_file():
-        _call("polypsam.data.specks", str(DATA), "--out", str(OUT / "specks.json"))
-    if not (OUT / "neighbours.json").is_file():
-        _call("polypsam.data.neighbours", str(DATA), "--split", str(OUT / "split.json"), "--out",
-              str(OUT / "neighbours.json"))
+    if not (study.out / "specks.json").is_file():
+        study.call("polypsam.data.specks", str(study.data), "--out", str(study.out / "specks.json"))
+    if not (study.out / "neighbours.json").is_file():
+        study.call("polypsam.data.neighbours", str(study.data), "--split", str(study.split), "--out",
+                   str(study.out / "neighbours.json"))
 
 
-def stretched_images() -> dict[str, set[str]]:
-    """Per test set, the images whose literal tight box a speck stretches (specks.json, by mask name)."""
-    sets = json.loads((OUT / "specks.json").read_text()).get("sets", {})
-    return {Path(k).name: {Path(m).stem for m in v.get("stretched_masks", {})}
-            for k, v in sets.items() if k.startswith("TestDataset/")}
-
-
-def write_report(done: list[tuple[Row, Path]]) -> None:
-    results = {}
-    for row, ev in done:
-        det = ev / "detection.csv"
-        results[row.name] = RowResult(row.name, row.label, ev.relative_to(OUT), pd.read_csv(ev / "summary.csv"),
-                                      pd.read_csv(ev / "per_image.csv"), pd.read_csv(det) if det.is_file() else None)
-    compare.main([*map(str, (ev for _, ev in done)), "--names", ",".join(r.name for r, _ in done), "--out", str(OUT)])
-    sets = sorted({s for r in results.values() for s in r.summary["dataset"]}, key=lambda s: s != "Kvasir")
-    seeds = {n: results[n].summary for n in SEEDS if n in results}
-    spread = seed_spread(seeds) if len(seeds) >= 2 else None
-    per_image = {name: r.per_image for name, r in results.items()}
-    if seeds:
-        per_image["dec_box"] = seed_mean([results[n].per_image for n in seeds])
-    auto = next((ev for r, ev in done if r.name == "dec_auto"), None)
-    if auto is not None and (auto / "per_image_box.csv").is_file():
-        per_image["dec_mixed_box"] = pd.read_csv(auto / "per_image_box.csv")
-    pairs = [(q, a, b, paired_comparison(per_image[a], per_image[b])) for q, a, b in PAIRS
-             if a in per_image and b in per_image]
-    runs = {r.name: r.job for r in ROWS} | {"dec_box": "+".join(SEEDS), "dec_mixed_box": "dec_mixed_s42"}
-    curves = {r.name: read_metrics(OUT / "rows" / r.name / "csv") for r, _ in done
-              if (OUT / "rows" / r.name / "csv" / "metrics.csv").is_file() and r.eval_dir == "eval"}
-    (OUT / "figures").mkdir(exist_ok=True)
-    if curves:
-        validation_curves(curves).savefig(OUT / "figures" / "validation_curves.png")
-    rob = {r.name: pd.read_csv(ev / "robustness.csv") for r, ev in done if (ev / "robustness.csv").is_file()}
-    flat = {r.name: results[r.name].summary for r, ev in done if not (ev / "robustness.csv").is_file()}
-    if rob:
-        robustness_all(rob, flat).savefig(OUT / "figures" / "robustness.png")
-    missing = [r for r in ROWS if r.name not in results]
-    text = (REPO / "experiments" / "lite_cpu_notes.md").read_text()
-    parts = ["# The CPU study: LiteMedSAM on real Kvasir-SEG and CVC-ClinicDB images", "",
-             "Regenerate every number: `python experiments/lite_cpu.py` (resumable; finished rows are skipped). "
-             "Rows, recipes and commands: `src/polypsam/conf/sweep/lite_cpu*.yaml`, `experiments/lite_cpu.py`.", "",
-             f"Rows finished: {len(results)} of {len(ROWS)}."]
-    if missing:
-        parts += ["Not run yet (the driver runs them next): " + ", ".join(f"`{r.name}`" for r in missing) + "."]
-    parts += ["", "## Headline: per-image Dice at 0.5 on the test images", "", headline(list(results.values()), sets),
-              "", "Per-image Dice and IoU at threshold 0.5 at the original resolution, mean over the images of a "
-              "set, 95% percentile-bootstrap interval; mDice is the PraNet toolbox's (256 thresholds). The full "
-              "table with IoU: [table.md](table.md); provenance of every row (config, split, checkpoint sha256, "
-              "commit, hardware, wall-clock): [provenance.md](provenance.md).", ""]
-    if spread is not None:
-        parts += ["## Seeds (decoder only, box)", "", spread_markdown(spread), ""]
-    stretched = stretched_images()
-    if any(stretched.values()):
-        tables = [(r.label, subset_means(r.per_image, stretched)) for r in results.values()]
-        parts += ["## Boxes stretched by a speck", "",
-                  "Per-image Dice@0.5 over the test images whose literal tight box a speck stretches by more "
-                  "than 10% ([specks.json](specks.json)) and over the other images, per row (image counts in "
-                  "the header).", "", subset_markdown(tables, "stretched box", "other images"), ""]
-    if pairs:
-        parts += ["## Paired comparisons on the same images", "",
-                  "Per-image differences, a - b: mean with a 95% paired-bootstrap interval (10,000 resamples of "
-                  "images) and the two-sided Wilcoxon signed-rank test. A difference smaller than the range over "
-                  "seeds is called noise where rows of different training runs are compared. "
-                  + "; ".join(f"`{k}`: {v}" for k, v in DERIVED.items() if k in per_image) + ".", "",
-                  paired_markdown(pairs, spread, runs), ""]
-    if ERRATA.is_file():
-        parts += ["## Errata: rows rerun with frozen parts held frozen", "", ERRATA_CAUSE, "",
-                  errata_markdown(pd.read_csv(ERRATA), {n: r.summary for n, r in results.items()},
-                                  {r.name: r.label for r in ROWS}), "",
-                  "Old figures: the records of commit 19e0dc8 (`git show 19e0dc8:experiments/results/lite_cpu/"
-                  "rows/<row>/eval/summary.csv`); what changed in the conclusions is in the notes below.", ""]
-    for name, title in (("dec_auto", "default settings"), ("dec_auto_sel", "settings chosen on validation"),
-                        ("dec_auto_unet", "a U-Net as stage 1, settings chosen on validation"),
-                        ("dec_auto_ens", "stage 1 the mean of the U-Net and SAM, settings chosen on validation")):
-        if name in results and results[name].detection is not None:
-            parts += [f"## No box: what stage 1 proposed ({title})", "", detection_markdown(results[name].detection),
-                      ""]
-    parts += ["## Figures", "", "- [prompt robustness, every row](figures/robustness.png)",
-              "- [validation Dice per epoch, every trained row](figures/validation_curves.png)",
-              "- best, median and worst image per row and set: `<run>/<eval>/figures/<set>.png` in each run "
-              "folder (they show the real frames, which stay out of the repository)", "", text]
-    (OUT / "README.md").write_text("\n".join(parts))
-    print(f"[lite_cpu] wrote {OUT / 'README.md'} ({len(results)} rows)")
+def fast_split(study: Study) -> None:
+    """The fast mode's one split file for every row, as the study's split.json is for the real one."""
+    if not study.split.is_file():
+        names = [r.relpath for r in folder_records(study.data, "TrainDataset")]
+        write_split(study.split, make_split(names, 0.2, 42), root=str(study.data), train_dirs=["TrainDataset"])
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--runs", default=str(REPO / "outputs" / "lite_cpu"), help="where the runs live")
-    ap.add_argument("--rows", nargs="*", help="only these rows (default: all)")
+    ap.add_argument("--out", default=str(OUT), help="the results folder (records, tables, report)")
+    ap.add_argument("--data", default=str(DATA), help="the PraNet-layout data root")
+    ap.add_argument("--rows", nargs="*", help="only these rows and the rows they need (default: all)")
     ap.add_argument("--report-only", action="store_true", help="write the report from the finished rows")
-    ap.add_argument("--rerun", action="store_true", help="run rows again even when their records are in the repository")
+    ap.add_argument("--no-report", action="store_true", help="run rows, leave the report (parallel drivers)")
+    ap.add_argument("--rerun", action="store_true", help="run rows again even when their records are in the results")
+    ap.add_argument("--fast", action="store_true", help="the miniature of every kind of row (see above)")
     args = ap.parse_args(argv)
-    runs = Path(args.runs).resolve()
-    chosen = [r for r in ROWS if not args.rows or r.name in args.rows]
+    study = Study(Path(args.runs).resolve(), Path(args.out).resolve(), Path(args.data).resolve(), args.fast)
+    if study.fast:
+        fast_split(study)
     if not args.report_only:
-        for row in chosen:
-            run_row(row, runs, args.rerun)
-    data_notes(runs)
-    done = [(r, ev) for r in ROWS if (ev := copy_records(r, runs)) is not None]
+        for row in ordered(args.rows or (FAST_ROWS if study.fast else None)):
+            run_row(study, row, args.rerun)
+    if args.no_report:
+        return 0
+    data_notes(study)
+    done = [(r, ev) for r in ROWS if (ev := copy_records(study, r)) is not None]
     if not done:
         print("[lite_cpu] no row has finished yet; nothing to report")
         return 1
-    write_report(done)
+    write_report(study.out, done, REPO / "experiments" / "lite_cpu_notes.md")
     return 0
 
 

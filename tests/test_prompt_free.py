@@ -267,6 +267,10 @@ def test_a_unet_proposes_for_sam_from_its_own_canvas(tmp_path):
     sam = refiner.predict(canvases, resizes, [PromptSet(empty=True) for _ in rgb])
     for got, u, m in zip(mixed.proposal, own, sam):
         np.testing.assert_allclose(got.prob, 0.5 * u.prob + 0.5 * m.prob, rtol=0, atol=1e-6)
+    # blend 0, the third stage-1 source select_auto chooses among: the refiner's own map, the proposer unused
+    mine = AutoPredictor(refiner, dataclasses.replace(auto.prompt, blend=0.0), unet)
+    for got, m in zip(mine.predict(canvases, resizes, mine.stage1_canvases(items)).proposal, sam):
+        np.testing.assert_allclose(got.prob, m.prob, rtol=0, atol=1e-6)
     first = mixed.refined[0].prompts.boxes
     want = half.prompt.proposals(half.prompt.components(mixed.proposal[0].prob)).boxes
     np.testing.assert_array_equal(first, want[:len(first)])

@@ -146,10 +146,11 @@ def test_grid_starts_with_the_default_and_tries_clear_with_each_margin(tmp_path)
     assert points[0] == default and len(set(points)) == len(points)
     # score x (all, clear 0.1, clear 0.3) x final_score x rebox, the default among them
     assert len(points) == 4 * (1 + 2) * 2 * 2
-    # blend is swept only with a separate proposer: without one it changes nothing
+    # blend, the stage-1 source, is swept only with a separate proposer (without one it changes nothing):
+    # the refiner's own map (0), their mean (0.5) and the proposer alone (1) are chosen on validation
     two_stage = dataclasses.replace(default, proposer="unet.ckpt")
-    assert len(Grid.from_cfg(cfg.grid).points(two_stage)) == 2 * len(points)
-    assert {p.blend for p in Grid.from_cfg(cfg.grid).points(two_stage)} == {0.5, 1.0}
+    assert len(Grid.from_cfg(cfg.grid).points(two_stage)) == 3 * len(points)
+    assert {p.blend for p in Grid.from_cfg(cfg.grid).points(two_stage)} == {0.0, 0.5, 1.0}
     with pytest.raises(ConfigError, match="grid.score needs at least one value"):
         Grid.from_cfg({**cfg.grid, "score": []})
     with pytest.raises(ConfigError, match="ckpt_path= is required"):

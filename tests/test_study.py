@@ -1,5 +1,8 @@
 """The study layer: paired comparisons on the same images, the seed spread, the figures and the report."""
 
+import json
+import sys
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -74,8 +77,6 @@ def test_driver_reports_rows_from_their_records_when_the_runs_are_elsewhere(tmp_
 
     driver = _driver(monkeypatch)
     out = tmp_path / "results"
-    monkeypatch.setattr(driver, "OUT", out)
-    monkeypatch.setattr(driver, "DATA", tmp_path / "no-data")  # a row that ran would fail on it, loudly
     root = generate_demo_dataset(tmp_path / "demo", n_train=2, n_test=3, size=(64, 80))
     net = build_model("tiny", pretrained=False)
     for name in ("zero_shot_box", "zero_shot_clean_box"):
@@ -83,7 +84,9 @@ def test_driver_reports_rows_from_their_records_when_the_runs_are_elsewhere(tmp_
     for notes in ("specks.json", "neighbours.json"):  # the data notes are measured once; present: kept
         (out / notes).write_text("{}")
     runs = tmp_path / "runs"  # empty: no run folder of this session
-    assert driver.main(["--rows", "zero_shot_box", "zero_shot_clean_box", "--runs", str(runs)]) == 0
+    # no data: a row that ran would fail on it, loudly
+    args = ["--runs", str(runs), "--out", str(out), "--data", str(tmp_path / "no-data")]
+    assert driver.main(["--rows", "zero_shot_box", "zero_shot_clean_box", *args]) == 0
     assert not runs.exists()
     report = (out / "README.md").read_text()
     assert f"Rows finished: 2 of {len(driver.ROWS)}." in report and "`dec_box_s43`" in report
@@ -91,7 +94,48 @@ def test_driver_reports_rows_from_their_records_when_the_runs_are_elsewhere(tmp_
     table = pd.read_csv(out / "table.csv")
     assert list(table["run"]) == ["zero_shot_box", "zero_shot_clean_box"]
     assert (out / "provenance.md").is_file() and (out / "figures" / "robustness.png").is_file()
-    assert driver.copy_records(driver.ROWS[2], runs) is None  # dec_box_s42: neither a run nor a record
+    study = driver.Study(runs, out)
+    assert driver.copy_records(study, driver.ROWS[2]) is None  # dec_box_s42: neither a run nor a record
+
+
+def test_rows_declare_what_they_need_and_run_after_it(monkeypatch):
+    """The rows a named row needs are added and run first; every row that selects pins its own grid."""
+    driver = _driver(monkeypatch)
+    rows = sys.modules["lite_cpu_rows"]
+    names = [r.name for r in rows.ordered(["dec_auto_blind_s43", "zero_shot_box"])]
+    assert names == ["zero_shot_box", "unet_conv_s42", "dec_auto_blind_s43"]
+    full = [r.name for r in rows.ordered()]
+    assert sorted(full) == sorted(r.name for r in driver.ROWS)
+    for row in driver.ROWS:
+        for job in row.needs:
+            assert full.index(rows.trainers()[job].name) < full.index(row.name)
+        assert not row.select or dict(row.grid)["blend"]
+    assert dict(rows.ROWS[[r.name for r in rows.ROWS].index("dec_auto_unet")].grid)["blend"] == (1.0,)
+    with pytest.raises(ValueError, match="pins its own grid"):
+        rows.Row("x", "x", "dec_mixed_s42", select=True)
+
+
+def test_the_whole_study_from_an_empty_runs_folder_in_fast_mode(small_root, tmp_path, monkeypatch, capfd):
+    """The driver's fast mode runs one row of each kind end to end (zero-shot, trained, an extra
+    evaluation, selection with a proposer another row trains) from nothing; a second call runs nothing."""
+    driver = _driver(monkeypatch)
+    runs, out = tmp_path / "runs", tmp_path / "out"
+    args = ["--fast", "--runs", str(runs), "--out", str(out), "--data", str(small_root)]
+    assert driver.main(args) == 0
+    calls = [line for line in capfd.readouterr().out.splitlines() if line.startswith("[lite_cpu] python -m")]
+    unet = next(i for i, c in enumerate(calls) if "lite_cpu_jobs=unet_conv_s42" in c)
+    select = next(i for i, c in enumerate(calls) if "polypsam.select_auto" in c)
+    assert unet < select  # the proposer was trained before the row that reads it
+    done = {p.name for p in (out / "rows").iterdir()}
+    assert done == {*sys.modules["lite_cpu_rows"].FAST_ROWS, "unet_conv_s42"}
+    chosen = json.loads(next((out / "rows" / "dec_auto_blind_s42").glob("*/best.auto-dec_auto_blind_s42.json"))
+                        .read_text())
+    assert chosen["grid"]["axes"]["blend"] == [0.0, 0.5, 1.0] and chosen["chosen"]["blend"] in (0.0, 0.5, 1.0)
+    assert chosen["split"]["file"] == str(out / "split.json")  # chosen on the study's validation split
+    assert list(pd.read_csv(out / "table.csv")["run"]) == [r.name for r in driver.ROWS if r.name in done]
+    assert "no box: stage-1 source and settings chosen on validation, seed 42" in (out / "README.md").read_text()
+    assert driver.main(args) == 0  # everything is finished: nothing is trained, selected or evaluated again
+    assert "[lite_cpu] python -m polypsam.train" not in capfd.readouterr().out
 
 
 def test_subset_means_split_each_set_by_the_named_images():

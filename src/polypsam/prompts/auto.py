@@ -185,7 +185,9 @@ class AutoPrompt(PromptType):
 
     def describe(self) -> str:
         who = f"the proposer {self.proposer}" if self.proposer else "the same network"
-        if self.proposer and self.blend < 1:
+        if self.proposer and self.blend == 0:
+            who = "the same network (the proposer's map has weight 0)"
+        elif self.proposer and self.blend < 1:
             who = f"{who} (weight {self.blend:g}) averaged with the refiner itself"
         keep = (f"the best alone when it leads the runner-up by {self.clear_margin:g}, else all" if self.keep == "clear"
                 else "all")
