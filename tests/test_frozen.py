@@ -61,7 +61,7 @@ class ModeProbe(L.Callback):
         self.module = pl_module
         for name, m in pl_module.net.named_modules():
             m.register_forward_pre_hook(lambda mod, args, name=name: self._seen(name, mod))
-        self.before = [t.clone() for t in self._frozen_state(pl_module)]
+        self.before = [t.clone() for t in self.frozen_state(pl_module.net, pl_module.frozen_modules)]
         self.bn_before = self._bn(pl_module).running_mean.clone()
 
     def _seen(self, name, mod):
@@ -69,9 +69,9 @@ class ModeProbe(L.Callback):
             self.calls.setdefault(name, set()).add(mod.training)
 
     @staticmethod
-    def _frozen_state(pl_module):
-        mods = dict(pl_module.net.named_modules())
-        return [t for n in pl_module.frozen_modules for t in module_state(mods[n])]
+    def frozen_state(net, frozen_modules):
+        mods = dict(net.named_modules())
+        return [t for n in frozen_modules for t in module_state(mods[n])]
 
     @staticmethod
     def _bn(pl_module):
@@ -84,7 +84,7 @@ class ModeProbe(L.Callback):
         self.in_train_batch = False
 
     def on_fit_end(self, trainer, pl_module):
-        self.after = [t.clone() for t in self._frozen_state(pl_module)]
+        self.after = [t.clone() for t in self.frozen_state(pl_module.net, pl_module.frozen_modules)]
         self.bn_after = self._bn(pl_module).running_mean.clone()
 
     def modes(self, prefix: str) -> set[bool]:
@@ -131,17 +131,35 @@ def test_enc_dec_still_updates_its_batchnorm_statistics(tmp_path):
 
 
 def test_resuming_mid_epoch_keeps_the_modes(tmp_path):
-    """A run stopped after its 3rd batch (last.ckpt of optimiser step 1, mid-epoch) and resumed."""
+    """A run stopped after its 3rd batch (last.ckpt of optimiser step 1, mid-epoch) and resumed.
+
+    The reference comes from outside the restore: a freshly built model's frozen parts, which the resumed
+    run must have after the restore and at the end; a copy of the checkpoint whose frozen BatchNorm
+    statistic moved is refused, naming the file. Checked: with the guard's reference taken after the
+    restore again (``on_fit_start`` digesting the restored state, as before polypsam issue 25), the moved
+    copy resumes and trains until the embedding cache's writer refuses the moved encoder in the middle of
+    epoch 0, and this test fails on that message (which names a cache folder, not the checkpoint).
+    """
     common = ["strategy=dec", "callbacks.last_checkpoint.every_n_train_steps=1"]
     with pytest.raises(torch.OutOfMemoryError):
         train(_cfg(tmp_path, "run", *common, "+callbacks.fault._target_=polypsam.callbacks.InjectFault",
                    "+callbacks.fault.kind=oom", "+callbacks.fault.at_batch=3"))
     last = tmp_path / "run" / "checkpoints" / "last.ckpt"
-    assert torch.load(last, map_location="cpu", weights_only=False)["global_step"] == 1
+    ckpt = torch.load(last, map_location="cpu", weights_only=False)
+    assert ckpt["global_step"] == 1
+    ckpt["state_dict"]["net.image_encoder.1.running_mean"].add_(0.5)
+    torch.save(ckpt, tmp_path / "moved.ckpt")
+    with pytest.raises(FrozenStateChanged, match=r"moved\.ckpt: frozen part 'image_encoder' differs"):
+        _fit(tmp_path, "moved", *common, f"ckpt_path={tmp_path / 'moved.ckpt'}")
+
     results, probe = _fit(tmp_path, "run", *common, f"ckpt_path={last}")
     assert results["epochs"] == 2 and probe.calls
-    assert set().union(*(probe.modes(f) for f in probe.module.frozen_modules)) == {False}
-    assert all(torch.equal(a, b) for a, b in zip(probe.before, probe.after))
+    frozen = probe.module.frozen_modules
+    assert set().union(*(probe.modes(f) for f in frozen)) == {False}
+    fresh = ModeProbe.frozen_state(model_from_cfg(_cfg(tmp_path, "fresh", *common).model), frozen)
+    assert len(fresh) == len(probe.before) == len(probe.after) > 0
+    assert all(torch.equal(a, b) for a, b in zip(fresh, probe.before))  # restored: as built
+    assert all(torch.equal(a, b) for a, b in zip(fresh, probe.after))  # and so at the end
 
 
 @pytest.mark.parametrize("cache, message", [

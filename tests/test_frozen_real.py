@@ -3,7 +3,7 @@
 The embeddings that training serves to the decoder, computed in epoch 0 or read from the cache in epoch 1,
 equal the single-image embeddings that evaluation computes (to the cache's fp16), so they cannot depend
 on the other images of a batch; and the first batch's training loss, before any optimiser step, is the
-eval-mode loss of that batch.
+eval-mode loss of that batch. A resume whose checkpoint holds a moved BatchNorm statistic is refused.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from hydra import compose, initialize_config_dir
 
 from polypsam.config import CONF_DIR
 from polypsam.data.io import read_image
+from polypsam.errors import FrozenStateChanged
 from polypsam.inference.predictor import Predictor, preprocess
 from polypsam.models import build_model
 from polypsam.models.freeze import STRATEGIES, freeze_strategy
@@ -94,3 +95,23 @@ def test_training_serves_the_embeddings_evaluation_computes(small_root, tmp_path
     with torch.no_grad():
         expected, _ = module._step(batch)
     assert loss == pytest.approx(float(expected), rel=1e-4, abs=1e-6)
+
+
+def test_a_resume_whose_frozen_batchnorm_moved_is_refused(small_root, tmp_path):
+    """One short dec epoch (2 images), then last.ckpt with TinyViT's first BatchNorm mean moved by 0.5."""
+    def cfg(*extra):
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+            return compose("train", overrides=[
+                "+experiment=dec_lite", "trainer.precision=32", "model.runtime=torch", f"data.root={small_root}",
+                "data.num_workers=0", "data.limit_train=2", "data.limit_val=1", "scratch.batch_size=2",
+                "scratch.effective_batch_size=2", "validate_before_training=false", "test_after_training=false",
+                "callbacks.rich_progress_bar=null", "callbacks.val_overlays=null", f"paths.root_dir={tmp_path}",
+                f"paths.cache_dir={tmp_path / 'cache'}", f"paths.output_dir={tmp_path / 'run'}", *extra])
+
+    train(cfg("scratch.max_epochs=1"))
+    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    ckpt["state_dict"]["net.image_encoder.patch_embed.seq.0.bn.running_mean"].add_(0.5)
+    torch.save(ckpt, tmp_path / "moved.ckpt")
+    with pytest.raises(FrozenStateChanged, match=r"moved\.ckpt: frozen part 'image_encoder' differs from the "
+                       r"weights this run was built with \(image_encoder\.patch_embed\.seq\.0\.bn\.running_mean\)"):
+        train(cfg("scratch.max_epochs=2", f"ckpt_path={tmp_path / 'moved.ckpt'}"))

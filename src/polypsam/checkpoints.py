@@ -6,10 +6,16 @@
   ``last``) as a checked file that ``trainer.fit`` can resume from, with errors that say what to do.
 * :func:`read_checkpoint` / :func:`load_model`: the fine-tuned network of a checkpoint, for evaluation
   and prediction.
+
+A checkpoint written before ``checkpoint["polypsam"]["format"]`` 2 (polypsam before its issue 18 fix) may
+hold frozen parts that moved in training (a frozen LiteMedSAM encoder's BatchNorm statistics): resuming one
+is refused, since the run would go on from a state its frozen parts never had; evaluating one only warns,
+since the checkpoint is still the model it is (the study's errata name the runs it concerns).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -22,7 +28,9 @@ from polypsam.config import model_from_cfg
 from polypsam.errors import CheckpointError, ConfigError
 from polypsam.models.identity import base_weights_sha256, check_base, with_base_state
 from polypsam.models.sam import PromptableSAM
-from polypsam.module import CHECKPOINT_KEY
+from polypsam.module import CHECKPOINT_FORMAT, CHECKPOINT_KEY
+
+log = logging.getLogger("polypsam.checkpoints")
 
 LAST_NAME = "last.ckpt"  # a run's resumable checkpoint, in <run>/checkpoints/
 
@@ -63,6 +71,11 @@ def with_atomic_checkpoints(plugins: list) -> list:
 # -- resuming -----------------------------------------------------------------------------------------------
 
 
+def is_current_format(meta: dict) -> bool:
+    """Whether a checkpoint's polypsam metadata is of the current format (none: written before formats)."""
+    return meta.get("format", 1) >= CHECKPOINT_FORMAT
+
+
 def check_resume_checkpoint(path: str | Path, model_name: str | None = None) -> Path:
     """A training checkpoint that ``trainer.fit(ckpt_path=...)`` can resume from, checked before anything is
     built. Memory-mapped, so a large checkpoint is not read twice."""
@@ -78,6 +91,11 @@ def check_resume_checkpoint(path: str | Path, model_name: str | None = None) -> 
     if not isinstance(ckpt, dict) or CHECKPOINT_KEY not in ckpt or "loops" not in ckpt:
         raise CheckpointError(f"{path}: not a polypsam training checkpoint (no '{CHECKPOINT_KEY}' metadata or loop "
                               "state); resume from a run's checkpoints/last.ckpt.")
+    if not is_current_format(ckpt[CHECKPOINT_KEY]):
+        raise CheckpointError(f"{path}: written before frozen parts were held frozen (the polypsam issue 18 fix; no "
+                              f"checkpoint format {CHECKPOINT_FORMAT}), so its frozen parts may have drifted in "
+                              "training: it cannot be resumed; start the run again (a new run, without resume or "
+                              "ckpt_path).")
     saved = ckpt[CHECKPOINT_KEY].get("model")
     if model_name is not None and saved != model_name:
         raise CheckpointError(f"{path}: checkpoint is for model {saved!r}, but this run is model={model_name!r}; "
@@ -135,6 +153,10 @@ def load_model(path: str | Path, expected_model: str | None = None, attention: s
     ckpt = read_checkpoint(path)
     meta = ckpt[CHECKPOINT_KEY]
     name = meta["model"]
+    if not is_current_format(meta):
+        log.warning("%s: written before frozen parts were held frozen (the polypsam issue 18 fix): if its run "
+                    "froze an encoder with BatchNorm (LiteMedSAM, strategy dec or lora), its statistics may have "
+                    "moved in training and its scores may differ from its run's validation.", path)
     if expected_model is not None and expected_model != name:
         raise CheckpointError(f"{path}: checkpoint is for model {name!r}, but model={expected_model!r} was asked; "
                               f"use model={name} or another checkpoint.")

@@ -46,4 +46,5 @@ class StoppedBySignal(SystemExit):
 
 
 class FrozenStateChanged(PolypSamError, RuntimeError):
-    """A part the strategy froze changed its weights or buffers (e.g. BatchNorm statistics) during a run."""
+    """A part the strategy froze differs from the model as built (e.g. BatchNorm statistics): changed during a
+    run, or so in the checkpoint a run resumes from."""

@@ -25,6 +25,9 @@ from polypsam.models.sam import PromptableSAM
 from polypsam.runtime import FrozenEncoder, TorchEncoder
 
 CHECKPOINT_KEY = "polypsam"
+# checkpoint["polypsam"]["format"]: 2 once frozen parts are held frozen (polypsam issue 18) and checked against
+# the model as built; one without it may hold drifted frozen parts and is not resumed (checkpoints.py)
+CHECKPOINT_FORMAT = 2
 
 
 def warmup_cosine(step: int, total: int, warmup: int, start_factor: float, min_factor: float) -> float:
@@ -57,7 +60,7 @@ class PolypSAMModule(L.LightningModule):
         self.net = net
         self.loss_fn = SegmentationLoss(loss)
         self.frozen_modules = list(frozen_modules or [])
-        self.frozen = FrozenParts(self.frozen_modules)
+        self.frozen = FrozenParts(net, self.frozen_modules)  # reference: the network as built, not a restore
         self.embedding_cache = embedding_cache
         # the frozen encoder's no-grad passes (cache fill): torch, or model.runtime's (polypsam.runtime)
         self.frozen_encoder = frozen_encoder or TorchEncoder(net)
@@ -75,7 +78,11 @@ class PolypSAMModule(L.LightningModule):
             self.frozen.set_training_modes(self.net)
 
     def on_fit_start(self) -> None:
-        self.frozen.remember(self.net)  # after Lightning restored a checkpoint, if it resumes one
+        # after Lightning restored ckpt_path: a checkpoint whose frozen parts differ from the model is refused
+        if self.trainer.ckpt_path is not None:
+            self.frozen.check_resumed(self.net, str(self.trainer.ckpt_path))
+        else:
+            self.frozen.check(self.net, "before fit")
 
     def on_train_batch_start(self, batch: Batch, batch_idx: int) -> None:
         # Lightning 2.6 never calls train() in fit and restores each submodule's own flag after validation:
@@ -194,9 +201,10 @@ class PolypSAMModule(L.LightningModule):
     # -- checkpoints ----------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         self.frozen.check(self.net, f"before the checkpoint of global step {self.global_step}")
-        checkpoint[CHECKPOINT_KEY] = {"version": __version__, "model": self.net.spec.name,
-                                      "spec": asdict(self.net.spec), "frozen_modules": self.frozen_modules,
-                                      "config": self.run_config, "base_sha256": self.base_sha256}
+        checkpoint[CHECKPOINT_KEY] = {"format": CHECKPOINT_FORMAT, "version": __version__,
+                                      "model": self.net.spec.name, "spec": asdict(self.net.spec),
+                                      "frozen_modules": self.frozen_modules, "config": self.run_config,
+                                      "base_sha256": self.base_sha256}
         if self.base_sha256 is not None:
             frozen = [f"net.{name}" for name in self.frozen_modules]
             checkpoint["state_dict"] = trainable_state(self, checkpoint["state_dict"], frozen)
