@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pandas as pd
+from lite_cpu_rows import BLIND_SEEDS, DERIVED, ERRATA_CAUSE, PAIRS, ROWS, SEEDS, Row
 
 from polypsam import compare
 from polypsam.run_metrics import read_metrics
@@ -20,7 +21,6 @@ from polypsam.study.report import (
     spread_markdown,
     subset_markdown,
 )
-from lite_cpu_rows import BLIND_SEEDS, DERIVED, ERRATA_CAUSE, PAIRS, ROWS, SEEDS, Row
 
 # Rows trained before frozen parts were held in eval mode (issue 18): their old figures, kept for the errata
 ERRATA_NAME = "errata_before.csv"
