@@ -271,7 +271,9 @@ def test_corrupt_zip_and_unreadable_member(sources, tmp_path):
     assert rc == 2 and err.count("\n") == 1
     assert str(broken) in err and "download it again" in err
 
-    mask = _encode(np.zeros((20, 30), np.uint8), "PNG")
+    polyp = np.zeros((20, 30), np.uint8)
+    polyp[5:15, 10:20] = 255  # an all-empty set would be refused before its image is decoded
+    mask = _encode(polyp, "PNG")
     bad = _zip(tmp_path / "kvasir.zip", {"Kvasir-SEG/images/x1.jpg": b"\xff\xd8\xff\xe0 not really a jpeg",
                                          "Kvasir-SEG/masks/x1.png": mask})
     rc, _, err = _run([bad, "--out", tmp_path / "b"])

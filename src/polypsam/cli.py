@@ -23,7 +23,7 @@ Exit statuses (:func:`describe_failure` maps an exception to its line and status
 
 =====================  ====  ========================================================================
 ``EXIT_ERROR``            2  ``error: ...``: a :class:`~polypsam.errors.PolypSamError` (data, config,
-                             checkpoint, a failed DDP rank), divergence (``FloatingPointError``, e.g.
+                             checkpoint, a run folder in use, a failed DDP rank), divergence (``FloatingPointError``, e.g.
                              :class:`~polypsam.errors.TrainingDiverged`) or out of memory
 ``EXIT_INTERRUPTED``    130  ``stopped: interrupted (Ctrl-C)``: ``KeyboardInterrupt``
 ``EXIT_SIGTERM``        143  ``stopped: ...``: SIGTERM; :class:`~polypsam.errors.StoppedBySignal` after

@@ -17,6 +17,7 @@ from polypsam.errors import ConfigError
 from polypsam.models import build_model, takes_prompts
 from polypsam.models.sam import PromptableSAM
 from polypsam.prompts import PromptType, build_prompt, prompt_config
+from polypsam.run_dir import run_stamp
 from polypsam.runtime import FrozenEncoder, RuntimeSettings, build_frozen_encoder
 from polypsam.runtime.settings import without_runtime_keys
 
@@ -32,6 +33,8 @@ def _auto_workers_resolver(cap=AUTO_WORKERS_CAP, *, _root_) -> int:
 
 if not OmegaConf.has_resolver("auto_workers"):  # registered on import: every entry point imports CONF_DIR from here
     OmegaConf.register_new_resolver("auto_workers", _auto_workers_resolver)
+if not OmegaConf.has_resolver("run_stamp"):  # default run folders; cached: one name per composed config
+    OmegaConf.register_new_resolver("run_stamp", run_stamp, use_cache=True)
 
 
 def derive_accumulation(effective_batch_size: int, batch_size: int, devices: int, num_nodes: int = 1

@@ -25,6 +25,10 @@ class ConfigError(PolypSamError, ValueError):
     """A combination of settings that cannot work together."""
 
 
+class RunDirInUse(PolypSamError, RuntimeError):
+    """A run folder that another live process is writing a run into (``polypsam.run_dir``)."""
+
+
 class TrainingDiverged(PolypSamError, FloatingPointError):
     """A non-finite loss or non-finite weights: training stops, the last good checkpoint stays."""
 

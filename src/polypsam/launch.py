@@ -22,6 +22,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,7 @@ from polypsam.config import prompt_from_cfg
 from polypsam.data.demo import generate_demo_dataset
 from polypsam.devices import device_count
 from polypsam.errors import SIGTERM_EXIT_CODE, ConfigError, PolypSamError, StoppedBySignal
+from polypsam.run_dir import claim_run_dir
 
 log = logging.getLogger("polypsam.launch")
 
@@ -154,22 +156,35 @@ def _prepare_once(cfg: DictConfig) -> None:
         generate_demo_dataset(cfg.data.root)
 
 
+def _rendezvous(nodes: int) -> tuple[str, int, int]:
+    """(main address, port, this node's rank)."""
+    if nodes == 1:
+        return "127.0.0.1", free_port(), 0
+    missing = [k for k in ("NODE_RANK", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
+    if missing:
+        raise ConfigError(f"trainer.num_nodes={nodes} without a cluster manager needs "
+                          f"{', '.join(missing)} in the environment of every node; on SLURM use "
+                          "hydra/launcher=slurm instead.")
+    return os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), int(os.environ["NODE_RANK"])
+
+
 def _spawn(fn, cfg: DictConfig, devices: int, nodes: int, force_lightning_env: bool = False) -> dict | None:
+    """Node 0's launcher holds the run folder for every rank (``polypsam.run_dir``): a second job on the folder
+    stops here, before ``ddp/`` is touched, and each spawned rank takes this claim as its parent's."""
+    addr, port, node_rank = _rendezvous(nodes)
     out = Path(cfg.paths.output_dir)  # resolved here: ${hydra:...} does not resolve in a spawned rank
+    with claim_run_dir(out) if node_rank == 0 else nullcontext(out):
+        return _start_ranks(fn, cfg, devices, nodes, force_lightning_env, out, (addr, port, node_rank))
+
+
+def _start_ranks(fn, cfg: DictConfig, devices: int, nodes: int, force_lightning_env: bool, out: Path,
+                 rendezvous: tuple[str, int, int]) -> dict | None:
+    """This node's ranks, started and awaited; global rank 0's results (files: the module's docstring)."""
+    addr, port, node_rank = rendezvous
     ddp_dir = out / "ddp"
     ddp_dir.mkdir(parents=True, exist_ok=True)
     for stale in [ddp_dir / RESULT_FILE, *ddp_dir.glob("error_rank*.json")]:
         stale.unlink(missing_ok=True)
-    if nodes > 1:
-        missing = [k for k in ("NODE_RANK", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
-        if missing:
-            raise ConfigError(f"trainer.num_nodes={nodes} without a cluster manager needs "
-                              f"{', '.join(missing)} in the environment of every node; on SLURM use "
-                              "hydra/launcher=slurm instead.")
-        addr, port, node_rank = (os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
-                                 int(os.environ["NODE_RANK"]))
-    else:
-        addr, port, node_rank = "127.0.0.1", free_port(), 0
     world = devices * nodes
     _prepare_once(cfg)
     container = OmegaConf.to_container(cfg, resolve=True)

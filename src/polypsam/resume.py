@@ -18,6 +18,7 @@ from polypsam.checkpoints import LAST_NAME
 from polypsam.cli import one_line
 from polypsam.config import CONF_DIR
 from polypsam.errors import CheckpointError, ConfigError
+from polypsam.run_dir import claim_run_dir
 
 OWN_KEYS = ("hydra.run.dir", "ckpt_path", "data.split_file", "resume")  # set by resume_argv itself
 
@@ -64,7 +65,7 @@ def find_last_run(overrides: list[str]) -> Path:
 
 def check_run_dir(run: Path) -> Path:
     """``run`` (or its ``checkpoints`` folder) as a resolved run directory that holds a config and a
-    ``last.ckpt``; otherwise an error that says which is missing."""
+    ``last.ckpt`` and that no live process is writing to; otherwise an error that says what is wrong."""
     run = run.expanduser().resolve()
     if run.name == "checkpoints":
         run = run.parent
@@ -77,6 +78,8 @@ def check_run_dir(run: Path) -> Path:
     if not (run / "checkpoints" / LAST_NAME).is_file():
         raise CheckpointError(f"{run / 'checkpoints' / LAST_NAME}: not found; the run stopped before its first "
                               "checkpoint, so there is nothing to resume: start it again.")
+    with claim_run_dir(run):  # a run still running is refused here, before Hydra rewrites its .hydra/
+        pass
     return run
 
 

@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import hydra
@@ -37,13 +38,14 @@ from polypsam.config import (
 )
 from polypsam.data.files import find_test_sets
 from polypsam.devices import device_count, resolve_precision
-from polypsam.evaluation import evaluate_after_training
+from polypsam.evaluation import check_test_data, evaluate_after_training
 from polypsam.launch import run_maybe_distributed
 from polypsam.models.freeze import freeze_strategy, parameter_counts
 from polypsam.models.registry import takes_prompts
 from polypsam.module import PolypSAMModule
 from polypsam.provenance import record as record_provenance
 from polypsam.resume import resume_argv
+from polypsam.run_dir import claim_run_dir
 from polypsam.run_metrics import keep_earlier_metrics
 
 log = logging.getLogger("polypsam.train")
@@ -71,8 +73,17 @@ def _print_parameters(counts: dict, frozen: list[str], accum: int, effective: in
 
 
 def train(cfg: DictConfig) -> dict:
-    """One training run in the current process (or as one DDP rank); returns the run's results."""
+    """One training run in the current process (or as one DDP rank); returns the run's results.
+
+    Global rank 0 holds the run folder while it runs (``polypsam.run_dir``): a second run asked into the same
+    folder stops with one line before it writes anything there.
+    """
     out = Path(cfg.paths.output_dir)
+    with claim_run_dir(out) if rank_zero_only.rank == 0 else nullcontext(out):
+        return _train(cfg, out)
+
+
+def _train(cfg: DictConfig, out: Path) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     # resuming: a checked checkpoint file (a run dir or "last" resolved) and the run's own split
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), out, cfg.model.name)
@@ -107,6 +118,8 @@ def train(cfg: DictConfig) -> dict:
     dm = datamodule_from_cfg(cfg, image_size=net.spec.image_size, embedding_cache=cache,
                              output_dir=str(out) if rank_zero_only.rank == 0 else "",
                              resize_method=net.spec.resize_method)
+    if cfg.get("test_after_training") and find_test_sets(cfg.data.root):
+        check_test_data(cfg)  # an empty or mis-scaled test set stops the run now, not after training
 
     devices = device_count(cfg.trainer.devices, cfg.trainer.accelerator)
     accum, effective = derive_accumulation(cfg.data.effective_batch_size, cfg.data.batch_size, devices,

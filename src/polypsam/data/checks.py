@@ -24,7 +24,8 @@ from polypsam.progress import count_bar
 
 log = logging.getLogger(__name__)
 
-CHECKS_VERSION = 1  # bump when what is checked changes: every entry is then checked again
+CHECKS_VERSION = 2  # bump when what is checked changes: every entry is then checked again
+# 2: a mask whose values are all 2..127 is an error (io.read_mask_report), no longer an empty mask
 
 
 @dataclass(frozen=True)

@@ -3,16 +3,20 @@
 Pillow is used rather than ``cv2.imread`` because it raises on truncated or non-image files
 instead of returning ``None`` or a half-decoded array, and it reads RGB (not BGR, the trap in
 the Polyp-SAM notebooks).
+
+Masks: a pixel above ``MASK_THRESHOLD`` (127 of 255) is polyp, and 0/1 masks are read as such. A mask whose
+largest value is 2..127 (0/100, 16-bit 0/1000) has its polyp on another scale, not absent: an error, never an
+empty mask. A set whose masks are all empty is refused by :func:`require_foreground`.
 """
 
 from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, TypeVar
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -21,6 +25,10 @@ from polypsam.errors import DataError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
 MASK_THRESHOLD = 127  # mask pixels > 127 are polyp; PraNet's toolbox uses gt > 128 on 0/255 masks
+MASK_FIX = ("masks must be 0/255 or 0/1 binary: rescale them so that polyp pixels are 255 and background 0 "
+            "(e.g. mask = (mask > 0) * 255)")
+
+M = TypeVar("M")  # a set's mask as require_foreground's caller names it (a path, an archive member)
 
 
 def _open(path: Path) -> Image.Image:
@@ -74,15 +82,40 @@ def read_mask_report(path: str | Path) -> MaskRead:
     if arr.ndim == 3:
         arr = arr[..., :3].max(axis=2) if arr.shape[2] >= 3 else arr[..., 0]
     arr = _to_uint8(arr)
-    nonbinary = int(np.count_nonzero((arr != 0) & (arr != 255)))
-    if arr.max(initial=0) == 1:  # 0/1 masks are common in other toolkits
+    top = int(arr.max(initial=0))
+    if top == 1:  # 0/1 masks are common in other toolkits
         return MaskRead(arr.astype(bool), 0)
+    if 1 < top <= MASK_THRESHOLD:  # 0/100, 16-bit 0/1000: a foreground that thresholding would erase
+        raise DataError(f"{path}: mask values are 0 to {top} (of 255), none above the polyp threshold "
+                        f"{MASK_THRESHOLD}, so its polyp would read as empty; {MASK_FIX}.")
+    nonbinary = int(np.count_nonzero((arr != 0) & (arr != 255)))
     return MaskRead(arr > MASK_THRESHOLD, nonbinary)
 
 
 def read_mask(path: str | Path) -> np.ndarray:
-    """A bool mask (H, W): value > 127 is polyp (0/1 masks are accepted as such)."""
+    """A bool mask (H, W): value > 127 is polyp (0/1 masks are accepted as such); a mask whose largest value
+    is 2..127 is a :class:`DataError` (its foreground is on another scale, not absent)."""
     return read_mask_report(path).mask
+
+
+def require_foreground(name: str, masks: Sequence[M], read: Callable[[M], MaskRead] = read_mask_report,
+                       shown: Callable[[M], str] = str) -> None:
+    """Refuse a set in which every mask reads as empty: its scores would be the empty-ground-truth convention
+    (Dice 1 for an empty prediction), not a measurement, and it has nothing to train on.
+
+    Masks are read in order until one has a polyp pixel, so a usable set costs one decode. A mask whose values
+    are all 2..127 fails in ``read`` (:func:`read_mask_report`). Both errors name the set.
+    """
+    for m in masks:
+        try:
+            if read(m).mask.any():
+                return
+        except DataError as exc:
+            raise DataError(f"{name}: {exc}") from None
+    if masks:
+        raise DataError(f"{name}: all {len(masks)} masks are empty (no pixel above {MASK_THRESHOLD}, e.g. "
+                        f"{shown(masks[0])}), so there is no polyp to score or train on; masks mark polyp pixels "
+                        "255 (or 1) on 0: check that masks/ holds this set's ground truth, or remove the set.")
 
 
 def image_size(path: str | Path) -> tuple[int, int]:

@@ -10,8 +10,14 @@ from polypsam.evaluation.settings import (
            EvalSettings,
            settings_from_cfg,
 )
-from polypsam.evaluation.tasks import evaluate, evaluate_after_training, evaluate_model, run_identity
+from polypsam.evaluation.tasks import (
+           check_test_data,
+           evaluate,
+           evaluate_after_training,
+           evaluate_model,
+           run_identity,
+)
 
-__all__ = ["FAILURE_SCORES", "METRICS", "UNREADABLE_CONVENTION", "EvalResult", "EvalSettings", "collect_records",
-           "evaluate", "evaluate_after_training", "evaluate_model", "label", "run_evaluation", "run_identity",
-           "settings_from_cfg"]
+__all__ = ["FAILURE_SCORES", "METRICS", "UNREADABLE_CONVENTION", "EvalResult", "EvalSettings", "check_test_data",
+           "collect_records", "evaluate", "evaluate_after_training", "evaluate_model", "label", "run_evaluation",
+           "run_identity", "settings_from_cfg"]

@@ -25,7 +25,7 @@ from polypsam.data.dataset import Record
 from polypsam.data.demo import generate_demo_dataset
 from polypsam.data.embedding_cache import EmbeddingCache, file_digest
 from polypsam.data.io import image_size as header_size
-from polypsam.data.io import size_mismatch
+from polypsam.data.io import require_foreground, size_mismatch
 from polypsam.devices import resolve_device
 from polypsam.errors import DataError
 from polypsam.evaluation.settings import FAILURE_SCORES, METRICS, EvalSettings
@@ -75,6 +75,19 @@ def collect_records(root: str | Path, test_sets, limit_test, split_seed: int, ge
                         "TestDataset/<name>/{images,masks} under data.root (python -m polypsam.data.prepare "
                         "builds this layout).")
     return {name: ds.records for name, ds in dm.test_sets.items()}
+
+
+def checked_test_records(root: str | Path, test_sets=None, limit_test: int | None = None, split_seed: int = 42,
+                         generate_demo: bool = False) -> tuple[dict[str, list[Record]], dict[str, str]]:
+    """The test records (:func:`collect_records`) and the images known unreadable, once the checks that need
+    no model passed: mask sizes, and a set whose masks are all empty (``require_foreground``, about one
+    decode per set). Run before any number is computed, and by training before it fits."""
+    record_sets = collect_records(root, test_sets, limit_test, split_seed, generate_demo)
+    unreadable: dict[str, str] = {}
+    for name, recs in record_sets.items():
+        unreadable.update(check_sizes(recs))
+        require_foreground(f"test set {name}", [r.mask for r in recs])
+    return record_sets, unreadable
 
 
 def check_sizes(records: list[Record]) -> dict[str, str]:
@@ -264,11 +277,8 @@ def run_evaluation(net: PromptableSAM, root: str | Path, out_dir: str | Path, se
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
+    record_sets, unreadable_known = checked_test_records(root, test_sets, limit_test, split_seed, generate_demo)
     predictor, auto, cache = inference_parts(net, settings, proposer)
-    record_sets = collect_records(root, test_sets, limit_test, split_seed, generate_demo)
-    unreadable_known = {}
-    for recs in record_sets.values():
-        unreadable_known.update(check_sizes(recs))
 
     noise_levels = settings.noise_levels
     rows: list[dict] = []

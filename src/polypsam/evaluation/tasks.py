@@ -16,7 +16,7 @@ from polypsam.config import model_from_cfg, prompt_from_cfg
 from polypsam.download import sha256_file
 from polypsam.errors import ConfigError
 from polypsam.evaluation.report import console_summary, log_wandb, write_outputs
-from polypsam.evaluation.runner import EvalResult, run_evaluation
+from polypsam.evaluation.runner import EvalResult, checked_test_records, run_evaluation
 from polypsam.evaluation.settings import EvalSettings, settings_from_cfg
 from polypsam.models import available_models
 from polypsam.models.registry import takes_prompts
@@ -154,6 +154,12 @@ def evaluate(cfg) -> EvalResult:
     finally:
         if run is not None:
             run.finish()
+
+
+def check_test_data(cfg) -> None:
+    """What :func:`evaluate_after_training` would refuse (an empty or mis-scaled test set, a mask of another
+    size), found before training starts rather than after it."""
+    checked_test_records(cfg.data.root, **_data_kwargs(cfg))
 
 
 def evaluate_after_training(cfg, best_checkpoint: str | Path, out_dir: str | Path, trainer=None) -> EvalResult:

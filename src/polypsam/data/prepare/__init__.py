@@ -23,7 +23,9 @@ Kvasir-SEG's box file and file names, the image size), with folder names only as
 Why these formats: JPEG images are copied byte for byte (re-encoding would add a second loss);
 TIFF/BMP images become PNG (lossless); PNG images are copied. Masks are always 8-bit PNG 0/255,
 thresholded at > 127; Kvasir-SEG's masks are JPEGs whose artefacts this threshold decides, and the
-number of pixels it had to decide is reported per set.
+number of pixels it had to decide is reported per set. A set whose masks are all empty, or a mask whose polyp
+is below the threshold (values 2..127, e.g. 0/100), stops the run with one line naming the set and the file;
+the first is checked for every set before anything is written.
 
 Runs are idempotent: a file whose bytes would not change is not rewritten (so its mtime stays);
 ``--force`` rewrites everything. Sources are only read.

@@ -12,7 +12,7 @@ from polypsam.data.prepare.detect import detect_sets
 from polypsam.data.prepare.fetch import DOWNLOADS, fetch_all
 from polypsam.data.prepare.report import load_report, print_summary, write_report
 from polypsam.data.prepare.sources import open_sources
-from polypsam.data.prepare.write import Counts, SetResult, write_set
+from polypsam.data.prepare.write import Counts, SetResult, check_masks, write_set
 from polypsam.errors import DataError
 from polypsam.progress import count_bar
 
@@ -55,6 +55,8 @@ def prepare(sources: list[str | Path], root: str | Path, *, download: bool = Fal
         trees, skipped_archives = open_sources(srcs, root, Path(tmp))
         try:
             found = detect_sets(srcs, trees, skipped_archives)
+            for f in found:
+                check_masks(f)
             root.mkdir(parents=True, exist_ok=True)
             with count_bar(console=console, transient=True) as progress:
                 for f in found:

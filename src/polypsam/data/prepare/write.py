@@ -14,7 +14,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 from PIL import Image
 
-from polypsam.data.io import read_image, read_mask_report, size_mismatch
+from polypsam.data.io import read_image, read_mask_report, require_foreground, size_mismatch
 from polypsam.data.prepare.boxes import BOXES_NAME, box_stats, boxes_file, read_published, tight_box
 from polypsam.data.prepare.detect import Found
 from polypsam.data.prepare.sources import Tree
@@ -96,6 +96,14 @@ def _remove_stale(found: Found, out: Path, wanted: dict[str, set[str]], force: b
             res.warnings.append(f"{found.out_rel}/{sub}: {len(stale)} file(s) not in {found.origin} left in place ("
                                 + ", ".join(stale[:5]) + (" ..." if len(stale) > 5 else "")
                                 + "); remove them or rerun with --force")
+
+
+def check_masks(found: Found) -> None:
+    """Before any file is written: a set whose masks are all empty, or whose first masks have their polyp
+    below the threshold (values 2..127), stops prepare (``require_foreground``: about one decode per set)."""
+    tree = found.tree
+    require_foreground(found.out_rel, [m for _, m in found.pairs], shown=tree.display,
+                       read=lambda rel: _decode(read_mask_report, tree, rel, tree.local(rel, "mask")[1]))
 
 
 def write_set(found: Found, root: Path, force: bool, counts: Counts, progress) -> SetResult:
