@@ -90,3 +90,19 @@ def test_cpu_bf16_smoke():
         row = next(ln for ln in out.splitlines() if label in ln and "│" in ln)
         fp32, bf16, ratio = (float(c.strip().rstrip("x")) for c in row.split("│")[2:5])
         assert fp32 > 0 and bf16 > 0 and ratio > 0
+
+
+def test_runtime_rows_name_the_encoder_that_ran(real_root, tmp_path, monkeypatch):
+    """benchmarks/runtimes.py: a runtime that falls back to torch (here its store cannot be written) is a torch
+    row, not a row of the runtime asked for. Checked: labelled by the (runtime, precision) asked for, it fails."""
+    from polypsam.models import build_model
+
+    monkeypatch.syspath_prepend(str(BENCH))
+    import runtimes
+
+    blocked = tmp_path / "a file where the store should be"
+    blocked.write_text("")
+    net = build_model("tiny").eval()
+    encoders = runtimes.build_encoders(net, [("torch", "fp32"), ("onnxruntime", "fp32")], str(blocked))
+    rows = runtimes.encoder_rows(net, encoders, runtimes.images(real_root / "TestDataset" / "Kvasir", 2))
+    assert [r[0] for r in rows] == ["torch fp32", "torch fp32"] and rows[1][-1] == "0.0e+00"

@@ -90,3 +90,21 @@ def test_precision_auto_picks_what_the_machine_runs_best(monkeypatch, tmp_path):
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, c=capability: c)
         assert resolve_precision("auto", "gpu") == expected, capability
     assert resolve_precision("auto", "cpu", cpuinfo=epyc) == "32"  # a CPU run on a GPU machine
+
+
+STUDY_JOBS = sorted(p.stem for p in (Path(CONF_DIR) / "sweep" / "lite_cpu_jobs").glob("*.yaml"))  # new ones too
+
+
+@pytest.mark.parametrize("job", STUDY_JOBS)
+def test_every_study_row_pins_its_precision_and_runtime(job):
+    """A row of the CPU study means one thing on every machine: no setting that resolves per machine."""
+    cfg = _compose([f"+sweep/lite_cpu_jobs={job}"])
+    assert str(cfg.trainer.precision) != "auto" and cfg.trainer.accelerator == "cpu"
+    assert cfg.model.runtime != "auto" and cfg.model.runtime_precision == "fp32"
+    twin = job.replace("_bf16", "")
+    if twin != job:  # a bf16 twin is its fp32 row but for the precision
+        fp32 = _compose([f"+sweep/lite_cpu_jobs={twin}"])
+        assert (str(fp32.trainer.precision), cfg.trainer.precision) == ("32", "bf16-mixed")
+        with open_dict(cfg):
+            cfg.trainer.precision, cfg.task_name = fp32.trainer.precision, fp32.task_name
+        assert cfg == fp32

@@ -74,9 +74,12 @@ def two_rows(tmp_path_factory):
     run = tmp / "runs" / "dec"
     (run / "checkpoints").mkdir(parents=True)
     (run / "checkpoints" / "best.ckpt").write_bytes(b"weights")
-    (run / "config_resolved.yaml").write_text("model:\n  name: tiny\n")
+    (run / "config_resolved.yaml").write_text("model:\n  name: tiny\ntrainer:\n  precision: '32'\n")
     (run / "split.json").write_text('{"train": [], "val": []}')
-    (run / "results.json").write_text(json.dumps({"fit_seconds": 3700.4, "zero_shot_val_seconds": 23.0}))
+    (run / "results.json").write_text(json.dumps({
+        "fit_seconds": 3700.4, "zero_shot_val_seconds": 23.0, "precision": "bf16-mixed",
+        "encoder": {"runtime": "torch", "precision": "fp32", "trains": False,
+                    "fallback": "model.runtime=openvino: the package openvino is not installed"}}))
     record(run)
     record(run)  # resumed once
     evaluate_model(net, root, run / "eval", EvalSettings(noise=(0.0,)), verbose=False,
@@ -93,7 +96,11 @@ def test_compare_writes_the_provenance_table(two_rows):
     assert (zs["run"], dec["run"]) == ("zs", "dec")
     assert dec["checkpoint_sha256"] == hashlib.sha256(b"weights").hexdigest()
     assert dec["split_sha256"] == split_digest(run / "split.json")
-    assert Path(dec["config"]) == run / "config_resolved.yaml" and dec["train_sessions"] == "2"
+    assert dec["config"] == "../runs/dec/config_resolved.yaml" and dec["train_sessions"] == "2"
+    # what ran, as the run and the evaluation recorded it (results.json wins over the config)
+    assert (dec["train_precision"], dec["eval_precision"], zs["train_precision"]) == ("bf16-mixed", "32", "")
+    assert dec["train_encoder_runtime"] == "torch fp32 (fell back)" and zs["train_encoder_runtime"] == ""
+    assert dec["eval_encoder_runtime"] == zs["eval_encoder_runtime"] == "torch fp32"
     assert float(dec["train_seconds"]) == pytest.approx(3723.4)
     commit = git_state()["commit"]
     assert dec["train_commit"] == dec["eval_commit"] == zs["eval_commit"]
@@ -103,10 +110,46 @@ def test_compare_writes_the_provenance_table(two_rows):
     assert dec["polypsam_version"] == __version__ and float(dec["eval_seconds"]) > 0
     md = (out / "provenance.md").read_text()
     assert "1:02:03 (last session)" in md and f"`{dec['checkpoint_sha256'][:12]}`" in md
+    assert "| bf16-mixed / 32 | torch fp32 (fell back) / torch fp32 |" in md
     assert f"| zs | – | – | – | {__version__} |" in md
     links = re.findall(r"\]\(([^)]+)\)", md)
     assert links == ["../runs/dec/config_resolved.yaml", "../runs/dec/split.json"]
     assert all((out / link).is_file() for link in links)
+
+
+def test_compare_writes_no_absolute_path(two_rows):
+    """table.csv and provenance.csv name their files relative to the folder they are in: a results folder
+    committed from one machine says nothing of its paths, and its links still lead to the files."""
+    tmp, run = two_rows
+    out = tmp / "report"
+    assert compare_main([str(tmp / "zs"), str(run), "--out", str(out)]) == 0
+    paths = {"table.csv": ["eval_dir"], "provenance.csv": ["config", "split", "checkpoint", "eval_dir"]}
+    for name, columns in paths.items():
+        text = (out / name).read_text()
+        assert str(tmp) not in text, name
+        rows = list(csv.DictReader(text.splitlines()))
+        for r in rows:
+            for c in columns:
+                assert r[c] == "" or (not Path(r[c]).is_absolute() and (out / r[c]).exists()), (name, c, r[c])
+    assert rows[1]["checkpoint"] == "../runs/dec/checkpoints/best.ckpt" and rows[0]["eval_dir"] == "../zs"
+    table = list(csv.DictReader((out / "table.csv").read_text().splitlines()))
+    assert [r["split"] for r in table] == ["none", "none"]  # a label there, not a path: left alone
+
+
+def test_a_run_from_before_results_json_recorded_what_ran(two_rows, tmp_path):
+    """The precision comes from the resolved config; the encoder runtime is not guessed from what was asked."""
+    _, run = two_rows
+    old = tmp_path / "old"
+    for rel in ("config_resolved.yaml", "split.json", *(f"eval/{f}" for f in ("meta.json", "summary.csv",
+                                                                          "per_image.csv"))):
+        (old / rel).parent.mkdir(parents=True, exist_ok=True)
+        (old / rel).write_bytes((run / rel).read_bytes())
+    (old / "results.json").write_text(json.dumps({"fit_seconds": 10.0}))
+    assert compare_main([str(old), "--out", str(tmp_path / "out")]) == 0
+    with open(tmp_path / "out" / "provenance.csv") as f:
+        (row,) = list(csv.DictReader(f))
+    assert (row["train_precision"], row["train_encoder_runtime"]) == ("32", "")
+    assert row["eval_encoder_runtime"] == "torch fp32"
 
 
 def test_moved_results_folder_finds_its_checkpoint(two_rows, tmp_path):

@@ -101,6 +101,9 @@ def _assert_same_end(run: Path, reference: Path) -> None:
     ra, rb = (json.loads((d / "results.json").read_text()) for d in (reference, run))
     assert rb["best_val_dice"] == pytest.approx(ra["best_val_dice"], abs=TOL)
     assert rb["epochs"] == ra["epochs"] == 3
+    # what ran, recorded again by the resumed session
+    assert rb["precision"] == ra["precision"] == "32"
+    assert rb["encoder"] == ra["encoder"] == {"runtime": "torch", "precision": "fp32", "trains": True}
 
 
 def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(work, baseline):

@@ -35,8 +35,8 @@ def test_one_epoch_tiny_on_real_images(small_root, tmp_path):
     assert (run / "checkpoints" / "best.ckpt").is_file() and (run / "checkpoints" / "last.ckpt").is_file()
     assert (run / "config_resolved.yaml").is_file() and (run / ".hydra" / "config.yaml").is_file()
     # the run records the precision it used: auto is bf16-mixed on a CPU with AMX, else 32
-    assert yaml.safe_load((run / "config_resolved.yaml").read_text())["trainer"]["precision"] == \
-        ("bf16-mixed" if cpu_has_amx_bf16() else "32")
+    precision = "bf16-mixed" if cpu_has_amx_bf16() else "32"
+    assert yaml.safe_load((run / "config_resolved.yaml").read_text())["trainer"]["precision"] == precision
     split = json.loads((run / "split.json").read_text())
     assert split["counts"] == {"train": 11, "val": 3}
     rows = list(csv.DictReader(open(run / "csv" / "metrics.csv")))
@@ -45,6 +45,9 @@ def test_one_epoch_tiny_on_real_images(small_root, tmp_path):
     results = json.loads((run / "results.json").read_text())
     assert results["best_val_dice"] == pytest.approx(dice[-1], abs=1e-6)
     assert results["accumulate_grad_batches"] == 2 and results["effective_batch_size"] == 8
+    # and what ran the image encoder: enc_dec trains it, in torch at the trainer's precision
+    assert results["precision"] == precision and results["encoder"] == {
+        "runtime": "torch", "precision": "fp32" if precision == "32" else precision, "trains": True}
     assert set(results["test"]) == {"test/Kvasir/dice", "test/Kvasir/iou", "test/CVC-ClinicDB/dice",
                                     "test/CVC-ClinicDB/iou"}
     ckpt = torch.load(run / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=False)

@@ -4,7 +4,8 @@ Merges evaluations into one table, a row per run (backbone x strategy x split x 
 columns with DSC / mIoU sub-columns, written as Markdown and CSV. This is how the paper's Tables 1 to 3 come
 out of a sweep: Table 1 (backbone x strategy) and Table 3 (training data) are rows of the same table.
 With --out, provenance.md and provenance.csv trace every row to its config, split, checkpoint, version,
-commit, hardware and wall-clock time (polypsam.provenance_table).
+commit, hardware, precision, encoder runtime and wall-clock time (polypsam.provenance_table); the paths
+written (table.csv's eval_dir too) are relative to the --out folder.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import pandas as pd
 from polypsam import reporting as rep
 from polypsam.cli import one_line, run_cli
 from polypsam.errors import ConfigError, DataError, PolypSamError
-from polypsam.provenance_table import provenance_markdown, provenance_rows
+from polypsam.provenance_table import provenance_markdown, provenance_rows, with_relative_paths
 
 
 def compare(paths: Sequence[str | Path], metric: str = "dice", names: Sequence[str] | None = None) -> pd.DataFrame:
@@ -103,10 +104,10 @@ def _write(args: argparse.Namespace) -> int:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         (out / "table.md").write_text(md)
-        table.to_csv(out / "table.csv", index=False)
+        with_relative_paths(table, out, ["eval_dir"]).to_csv(out / "table.csv", index=False)  # no machine's paths
         prov = provenance_rows(list(zip(table["run"], [_load(p) for p in args.runs])))
         (out / "provenance.md").write_text(provenance_markdown(prov, out))
-        prov.to_csv(out / "provenance.csv", index=False)
+        with_relative_paths(prov, out).to_csv(out / "provenance.csv", index=False)
         print(f"wrote {out / 'table.md'}, {out / 'table.csv'}, {out / 'provenance.md'} and "
               f"{out / 'provenance.csv'}")
     return 0

@@ -12,6 +12,7 @@ from omegaconf import OmegaConf
 from polypsam.errors import ConfigError
 
 AUTO_WORKERS_CAP = 4  # data.num_workers=${auto_workers:4}: the default cap of loader workers per process
+FULL_PRECISION = ("32", "32-true", "fp32")  # the names of float32 without autocast (Lightning's and ours)
 
 
 def usable_cpus() -> int:
@@ -125,7 +126,7 @@ def resolve_precision(precision, accelerator: str = "auto", cpuinfo: str | Path 
 def autocast(device: torch.device, precision: str | int = "32"):
     """The autocast context for inference at ``precision`` (32, bf16 or 16; Lightning's names accepted)."""
     precision = str(precision)
-    if precision in ("32", "32-true", "fp32"):
+    if precision in FULL_PRECISION:
         return contextlib.nullcontext()
     dtype = {"bf16": torch.bfloat16, "bf16-mixed": torch.bfloat16, "16": torch.float16, "16-mixed": torch.float16,
              "fp16": torch.float16}.get(precision)

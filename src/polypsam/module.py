@@ -14,6 +14,7 @@ from torchmetrics import MeanMetric
 from polypsam import __version__
 from polypsam.data.batch import Batch
 from polypsam.data.embedding_cache import EmbeddingCache
+from polypsam.devices import FULL_PRECISION
 from polypsam.errors import DataError, TrainingDiverged
 from polypsam.inference import original_probabilities
 from polypsam.losses import SegmentationLoss
@@ -23,6 +24,7 @@ from polypsam.models.identity import base_weights_sha256, check_base, trainable_
 from polypsam.models.lora import has_lora
 from polypsam.models.sam import PromptableSAM
 from polypsam.runtime import FrozenEncoder, TorchEncoder
+from polypsam.runtime.encoder import EXACT_PRECISION
 
 CHECKPOINT_KEY = "polypsam"
 # checkpoint["polypsam"]["format"]: 2 once frozen parts are held frozen (polypsam issue 18) and checked against
@@ -96,6 +98,20 @@ class PolypSAMModule(L.LightningModule):
     @property
     def encoder_trainable(self) -> bool:
         return any(p.requires_grad for p in self.net.image_encoder.parameters())
+
+    def encoder_record(self, precision: str) -> dict:
+        """What runs the image encoder in this module's passes, for results.json. A trainable encoder (enc_dec,
+        LoRA, a baseline) is torch at the trainer's ``precision``; a frozen one is the frozen encoder as built,
+        under the trainer's autocast only where torch runs it without a cache (``_encode_frozen``); a runtime
+        that fell back (to torch, or to another precision) says why."""
+        enc = self.frozen_encoder
+        autocast = self.encoder_trainable or (self.embedding_cache is None and isinstance(enc, TorchEncoder))
+        name = EXACT_PRECISION if str(precision) in FULL_PRECISION else str(precision)
+        record = {"runtime": "torch" if self.encoder_trainable else enc.runtime,
+                  "precision": name if autocast else enc.precision, "trains": self.encoder_trainable}
+        if enc.fallback and not self.encoder_trainable:
+            record["fallback"] = enc.fallback
+        return record
 
     # -- forward --------------------------------------------------------------------------------------
     def _embeddings(self, batch: Batch) -> torch.Tensor | None:

@@ -4,9 +4,11 @@ Per row (one evaluation): the resolved config (the training run's ``config_resol
 evaluation's own for a zero-shot row), the split file and the sha256 of its image lists
 (:func:`polypsam.data.splits.split_digest`: equal for every run on the same images), the checkpoint's sha256, the
 polypsam version, the git commit and hardware of training and of evaluation (``provenance.json``,
-:mod:`polypsam.provenance`), and the wall-clock time of each. Paths in the Markdown are links relative
-to the folder it is written to; the CSV holds full paths and digests. What a run did not record (a run
-from before provenance.json existed, a checkpoint moved away) is ``–``, never guessed.
+:mod:`polypsam.provenance`), the precision and frozen-encoder runtime each ran at (the run's
+``results.json``, the evaluation's ``meta.json``), and the wall-clock time of each. Paths, in the
+Markdown's links and in the CSV, are relative to the folder they are written to, never absolute; the CSV
+holds full digests. What a run did not record (a run from before provenance.json existed, a checkpoint
+moved away) is ``–``, never guessed.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import re
 from pathlib import Path
 
 import pandas as pd
+import yaml
 
 from polypsam import provenance
 from polypsam.data.splits import split_digest
@@ -24,6 +27,7 @@ from polypsam.download import sha256_file
 from polypsam.reporting import markdown_table
 
 MISSING = "–"
+PATH_COLUMNS = ("config", "split", "checkpoint", "eval_dir")  # the columns of this table that hold paths
 
 
 def _checkpoint(evaluation: dict) -> Path | None:
@@ -73,13 +77,38 @@ def _sessions(sessions: list[dict]) -> dict:
             "hardware": _once(hardware), "sessions": len(sessions)}
 
 
-def _train_seconds(run: Path | None) -> float | None:
+def _results(run: Path | None) -> dict:
     try:
         res = json.loads((run / "results.json").read_text()) if run is not None else {}
     except (OSError, ValueError):
-        return None
+        return {}
+    return res if isinstance(res, dict) else {}
+
+
+def _train_seconds(res: dict) -> float | None:
     parts = [res.get("fit_seconds"), res.get("zero_shot_val_seconds")]
     return sum(float(p) for p in parts if p is not None) if res.get("fit_seconds") is not None else None
+
+
+def _train_precision(res: dict, config: Path | None) -> str | None:
+    """The trainer precision results.json records, else the resolved config's (written after resolution)."""
+    if res.get("precision") is not None:
+        return str(res["precision"])
+    try:
+        trainer = (yaml.safe_load(config.read_text()) or {}).get("trainer") or {} if config else {}
+    except (OSError, yaml.YAMLError):
+        return None
+    return None if trainer.get("precision") is None else str(trainer["precision"])
+
+
+def _train_encoder(res: dict) -> str | None:
+    """``<runtime> <precision>`` of the image encoder in training (``PolypSAMModule.encoder_record``): marked
+    where it trained, or where the runtime asked for fell back to torch; None before runs recorded it."""
+    enc = res.get("encoder")
+    if not isinstance(enc, dict) or not enc.get("runtime"):
+        return None
+    marks = [m for m, on in (("trained", enc.get("trains")), ("fell back", enc.get("fallback"))) if on]
+    return f"{enc['runtime']} {enc.get('precision')}" + (f" ({', '.join(marks)})" if marks else "")
 
 
 def provenance_rows(named_evaluations: list[tuple[str, dict]]) -> pd.DataFrame:
@@ -95,6 +124,7 @@ def provenance_rows(named_evaluations: list[tuple[str, dict]]) -> pd.DataFrame:
         config = _file(run / "config_resolved.yaml") if run else _file(e["dir"] / "config_resolved.yaml")
         split = _file(run / "split.json") if run else None
         train, ev = _sessions(provenance.read(run) if run else []), _sessions(provenance.read(e["dir"]))
+        res = _results(run)
         rows.append({
             "run": name, "config": config, "split": split, "split_sha256": split and split_digest(split),
             "checkpoint": ckpt,  # the digest recorded, else the file's own
@@ -104,7 +134,11 @@ def provenance_rows(named_evaluations: list[tuple[str, dict]]) -> pd.DataFrame:
             "train_commit": train["commit"], "eval_commit": ev["commit"],
             "train_hardware": train["hardware"], "eval_hardware": ev["hardware"],
             "train_sessions": train["sessions"] if run else None,
-            "train_seconds": _train_seconds(run),
+            "train_precision": _train_precision(res, config) if run else None,
+            "eval_precision": e["meta"].get("precision"),
+            "train_encoder_runtime": _train_encoder(res),
+            "eval_encoder_runtime": e["meta"].get("encoder_runtime"),
+            "train_seconds": _train_seconds(res),
             "eval_seconds": e["meta"].get("total_seconds", e["meta"].get("wall_seconds")),
             "eval_dir": e["dir"],
         })
@@ -113,14 +147,28 @@ def provenance_rows(named_evaluations: list[tuple[str, dict]]) -> pd.DataFrame:
     return table
 
 
+def _missing(value) -> bool:
+    return value is None or (isinstance(value, float) and pd.isna(value))
+
+
+def relative(path, out: str | Path) -> str | None:
+    """``path`` relative to the folder ``out`` (with ``..`` where it lies outside), in POSIX form."""
+    if _missing(path):
+        return None
+    return Path(os.path.relpath(Path(path).resolve(), Path(out).resolve())).as_posix()
+
+
+def with_relative_paths(table: pd.DataFrame, out: str | Path, columns=PATH_COLUMNS) -> pd.DataFrame:
+    """``table`` with its path ``columns`` relative to ``out``, as it is written there."""
+    return table.assign(**{c: table[c].map(lambda p: relative(p, out)) for c in columns})
+
+
 def _link(path, out: Path, label: str) -> str:
-    if path is None or (isinstance(path, float) and pd.isna(path)):
-        return MISSING
-    return f"[{label}]({Path(os.path.relpath(Path(path).resolve(), out.resolve())).as_posix()})"
+    return MISSING if _missing(path) else f"[{label}]({relative(path, out)})"
 
 
 def _short(value, n: int = 12) -> str:
-    return MISSING if value is None or (isinstance(value, float) and pd.isna(value)) else str(value)[:n]
+    return MISSING if _missing(value) else str(value)[:n]
 
 
 def _commit(value) -> str:
@@ -140,7 +188,8 @@ def provenance_markdown(table: pd.DataFrame, out: str | Path) -> str:
     """The table with links relative to ``out`` (the folder the Markdown is written to)."""
     out = Path(out)
     headers = ["run", "config", "split (sha256 of its lists)", "checkpoint sha256", "polypsam", "commit (train / eval)",
-               "hardware (train / eval)", "train h:mm:ss", "eval h:mm:ss"]
+               "hardware (train / eval)", "precision (train / eval)", "encoder runtime (train / eval)",
+               "train h:mm:ss", "eval h:mm:ss"]
     rows = []
     for r in table.to_dict("records"):
         split = _link(r["split"], out, "split.json")
@@ -152,8 +201,10 @@ def provenance_markdown(table: pd.DataFrame, out: str | Path) -> str:
             "checkpoint missing" if _short(r["checkpoint"]) != MISSING else MISSING,
             _short(r["polypsam_version"], 40), f"{_commit(r['train_commit'])} / {_commit(r['eval_commit'])}",
             f"{_short(r['train_hardware'], 80)} / {_short(r['eval_hardware'], 80)}",
+            f"{_short(r['train_precision'])} / {_short(r['eval_precision'])}",
+            f"{_short(r['train_encoder_runtime'], 80)} / {_short(r['eval_encoder_runtime'], 80)}",
             _duration(r["train_seconds"], r["train_sessions"]), _duration(r["eval_seconds"])])
-    return (markdown_table(headers, rows, align=["l"] * 7 + ["r", "r"])
+    return (markdown_table(headers, rows, align=["l"] * 9 + ["r", "r"])
             + "\n\nDigests are the first 12 hex digits (full ones in provenance.csv); a split's digest covers its "
               "train and val lists only, so runs on the same images share it; commits the first 10, "
               "`+dirty`: tracked files differed from the commit. `–`: not recorded by that run.\n")

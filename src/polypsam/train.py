@@ -146,7 +146,9 @@ def _train(cfg: DictConfig, out: Path) -> dict:
         lg.log_hyperparams({"params": counts, "frozen_modules": frozen, "accumulate_grad_batches": accum,
                             "effective_batch_size": effective, "config": resolved})
 
+    # what this session ran, as built (not as asked): a resumed run records its own session's
     results: dict = {"model": cfg.model.name, "strategy": cfg.strategy.name, "output_dir": str(out),
+                     "precision": str(precision), "encoder": module.encoder_record(precision),
                      "accumulate_grad_batches": accum, "effective_batch_size": effective,
                      "trainable_params": counts["total"]["trainable"], "frozen_params": counts["total"]["frozen"]}
     resuming = cfg.get("ckpt_path") is not None

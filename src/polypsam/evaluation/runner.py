@@ -34,7 +34,7 @@ from polypsam.metrics import dice_iou, score_image, summarize
 from polypsam.models.registry import takes_prompts
 from polypsam.models.sam import PromptableSAM
 from polypsam.prompts import PromptSet, PromptType, prompt_config, seeded_rng
-from polypsam.runtime import build_frozen_encoder
+from polypsam.runtime import build_frozen_encoder, describe
 
 log = logging.getLogger("polypsam.evaluate")
 
@@ -327,7 +327,8 @@ def run_evaluation(net: PromptableSAM, root: str | Path, out_dir: str | Path, se
             "prompt": {**prompt_config(p), "label": p.label(), "description": p.describe()},
             "companions": {name: COMPANIONS[name] for name in companions}, "robustness_noise": noise_levels,
             "embeddings": f"embedding cache {cache.dir} ({cache.hits} read, {cache.writes} written; fp16)" if cache
-            else "encoded", "encoder_runtime": f"{predictor.encoder.runtime} {predictor.encoder.precision}", "compat_row_dice": settings.compat_row_dice, "threshold": settings.threshold,
+            else "encoded", "encoder_runtime": describe(predictor.encoder), "precision": predictor.precision,
+            "compat_row_dice": settings.compat_row_dice, "threshold": settings.threshold,
             "limit_test": limit_test, "split_seed": split_seed, "device": str(predictor.device),
             "test_sets": {n: len(r) for n, r in record_sets.items()}, "n_images": len(per_image),
             "n_unreadable": int((per_image["status"] == "unreadable").sum()),

@@ -21,7 +21,7 @@ from polypsam.models.sam import PromptableSAM
 from polypsam.prediction.plan import Job, Plan
 from polypsam.progress import count_bar
 from polypsam.prompts import PromptType
-from polypsam.runtime import RuntimeSettings, build_frozen_encoder
+from polypsam.runtime import RuntimeSettings, build_frozen_encoder, describe
 
 
 def _write_outputs(job: Job, out: Path, pred: Prediction, threshold: float, seconds: dict,
@@ -114,7 +114,7 @@ def run_prediction(net: PromptableSAM, plan: Plan, out_dir: str | Path, identity
         "skipped_files": plan.skipped, "unused_prompts": plan.unused_prompts,
         "prompt_mask_nonbinary_pixels": int(sum(j.nonbinary_pixels for j in plan.jobs)),
         "device": str(predictor.device), "precision": str(precision),
-        "encoder_runtime": f"{predictor.encoder.runtime} {predictor.encoder.precision}", "batch_size": batch_size,
+        "encoder_runtime": describe(predictor.encoder), "batch_size": batch_size,
         "threshold": threshold, "seconds": round(wall, 3), "seconds_per_image": round(wall / done, 4) if done else None,
         "model_seconds_per_image": round(model_seconds / done, 4) if done else None,
     }

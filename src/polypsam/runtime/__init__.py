@@ -6,9 +6,9 @@ module itself, or the encoder exported once to ONNX (``runtime.store``) and run 
 (``model.runtime``, ``model.runtime_precision``). Training with gradients stays in torch.
 """
 
-from polypsam.runtime.encoder import FrozenEncoder, GraphEncoder, TorchEncoder, embedding_model_key
+from polypsam.runtime.encoder import FrozenEncoder, GraphEncoder, TorchEncoder, describe, embedding_model_key
 from polypsam.runtime.registry import RUNTIMES, available_runtimes, build_frozen_encoder, resolve_runtime
 from polypsam.runtime.settings import RuntimeSettings
 
 __all__ = ["RUNTIMES", "FrozenEncoder", "GraphEncoder", "RuntimeSettings", "TorchEncoder", "available_runtimes",
-           "build_frozen_encoder", "embedding_model_key", "resolve_runtime"]
+           "build_frozen_encoder", "describe", "embedding_model_key", "resolve_runtime"]

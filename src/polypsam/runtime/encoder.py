@@ -27,10 +27,16 @@ class FrozenEncoder(Protocol):
 
     runtime: str
     precision: str
+    fallback: str  # why the runtime or precision asked for did not run ("" when it did)
 
     def encode(self, images: torch.Tensor, input_hw: torch.Tensor) -> torch.Tensor: ...
 
     def model_key(self) -> str: ...
+
+
+def describe(encoder: FrozenEncoder) -> str:
+    """``<runtime> <precision>`` of an encoder as built, e.g. ``openvino fp32``: what the records call it."""
+    return f"{encoder.runtime} {encoder.precision}"
 
 
 class TorchEncoder:
@@ -38,8 +44,8 @@ class TorchEncoder:
 
     runtime, precision = "torch", EXACT_PRECISION
 
-    def __init__(self, net: PromptableSAM):
-        self.net = net
+    def __init__(self, net: PromptableSAM, fallback: str = ""):
+        self.net, self.fallback = net, fallback
 
     def encode(self, images: torch.Tensor, input_hw: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
@@ -55,15 +61,16 @@ class TorchEncoder:
 class GraphEncoder:
     """The image encoder as an exported graph, one image per call (the export has a batch of one).
 
-    ``infer`` maps a (1,3,S,S) float32 array of normalised pixels to the (1,C,h,w) embedding; the
-    normalisation (``normalize_canvas``, a few milliseconds) stays in torch. The fingerprint is the
-    network's at export time: the encoder is frozen, so it cannot change afterwards.
+    ``infer`` maps a (1,3,S,S) float32 array of normalised pixels to the (1,C,h,w) embedding at ``precision``
+    (what the runtime compiled, not what was asked); the normalisation (``normalize_canvas``, a few
+    milliseconds) stays in torch. The fingerprint is the network's at export time: the encoder is frozen,
+    so it cannot change afterwards.
     """
 
     def __init__(self, net: PromptableSAM, infer: Callable[[np.ndarray], np.ndarray], runtime: str,
-                 precision: str, fingerprint: str):
+                 precision: str, fingerprint: str, fallback: str = ""):
         self.spec, self.infer = net.spec, infer
-        self.runtime, self.precision, self.fingerprint = runtime, precision, fingerprint
+        self.runtime, self.precision, self.fingerprint, self.fallback = runtime, precision, fingerprint, fallback
         self.mean, self.std = net.pixel_mean.detach().cpu(), net.pixel_std.detach().cpu()
 
     def encode(self, images: torch.Tensor, input_hw: torch.Tensor) -> torch.Tensor:

@@ -14,8 +14,8 @@ def version() -> str:
     return onnxruntime.__version__
 
 
-def load(onnx: Path, precision: str, threads: int) -> Callable[[np.ndarray], np.ndarray]:
-    """A function from a (1,3,S,S) float32 array to the encoder's output array."""
+def load(onnx: Path, precision: str, threads: int) -> tuple[Callable[[np.ndarray], np.ndarray], str]:
+    """A function from a (1,3,S,S) float32 array to the encoder's output array, and the precision it runs at."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -23,4 +23,4 @@ def load(onnx: Path, precision: str, threads: int) -> Callable[[np.ndarray], np.
     options.log_severity_level = 3  # errors only: no notes on initializers at session start
     session = ort.InferenceSession(str(onnx), options, providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
-    return lambda x: session.run(None, {name: x})[0]
+    return (lambda x: session.run(None, {name: x})[0]), precision

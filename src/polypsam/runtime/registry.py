@@ -4,7 +4,8 @@
 order is the measured speed of benchmarks/RESULTS.md). A missing package falls back to torch with one
 log line naming it; a runtime that fails to export, load or match torch on a probe canvas falls back to
 torch with one line naming the runtime and the model. Either way the masks are torch's, never silently
-different ones.
+different ones, and the encoder built says so (``fallback``). A CPU without bf16 runs an OpenVINO bf16
+request at fp32: the encoder is then named fp32, keyed as exact, with one line and a ``fallback`` too.
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ class Runtime:
     name: str
     package: str  # the module it imports, and its pip package
     precisions: tuple[str, ...]
-    load: Callable[[Path, str, int], Callable[[np.ndarray], np.ndarray]]  # (onnx file, precision, threads)
+    # (onnx file, precision, threads) -> (the encoder's function, the precision it runs at: a CPU may lack one)
+    load: Callable[[Path, str, int], tuple[Callable[[np.ndarray], np.ndarray], str]]
     version: Callable[[], str]
 
     def installed(self) -> bool:
@@ -58,13 +60,21 @@ def available_runtimes() -> list[str]:
 
 def resolve_runtime(runtime: str, precision: str, device: torch.device) -> tuple[str, str]:
     """(runtime, precision) to run: ``auto`` resolved, a missing package replaced by torch fp32 (logged)."""
+    name, precision, missing = _resolve(runtime, precision, device)
+    if missing:
+        log.warning("%s; the frozen encoder runs in torch fp32", missing)
+    return name, precision
+
+
+def _resolve(runtime: str, precision: str, device: torch.device) -> tuple[str, str, str]:
+    """``resolve_runtime``'s choice, and why a runtime asked for is replaced by torch ("" when none is)."""
     if runtime not in ("auto", "torch", *RUNTIMES):
         raise ConfigError(f"model.runtime={runtime}: choose auto, torch, {', '.join(RUNTIMES)}.")
     if precision not in PRECISIONS:
         raise ConfigError(f"model.runtime_precision={precision}: choose {', '.join(PRECISIONS)}.")
     if device.type != "cpu":
         if runtime in ("auto", "torch") and precision == EXACT_PRECISION:
-            return "torch", EXACT_PRECISION
+            return "torch", EXACT_PRECISION, ""
         raise ConfigError(f"model.runtime={runtime} model.runtime_precision={precision}: these runtimes run on the "
                           f"CPU, and this run's device is {device}; keep model.runtime=auto with fp32 (torch on a "
                           "GPU) and reduce precision there with trainer.precision=bf16-mixed or precision=bf16.")
@@ -75,45 +85,52 @@ def resolve_runtime(runtime: str, precision: str, device: torch.device) -> tuple
                           f"{', '.join(offering) or 'no runtime here'} does: set model.runtime accordingly, "
                           "or model.runtime_precision=fp32.")
     if runtime == "torch":
-        return "torch", EXACT_PRECISION
+        return "torch", EXACT_PRECISION, ""
     names = [runtime] if runtime != "auto" else [n for n in AUTO_ORDER if precision in RUNTIMES[n].precisions]
     if not names:
         raise ConfigError(f"model.runtime_precision={precision}: no runtime offers it yet; use fp32 or bf16.")
     for name in names:
         if RUNTIMES[name].installed():
-            return name, precision
+            return name, precision, ""
     packages = " or ".join(RUNTIMES[n].package for n in names)
-    log.warning("model.runtime=%s: the package %s is not installed (pip install %s); the frozen encoder runs in "
-                "torch fp32", runtime, packages, RUNTIMES[names[0]].package)
-    return "torch", EXACT_PRECISION
+    return "torch", EXACT_PRECISION, (f"model.runtime={runtime}: the package {packages} is not installed "
+                                      f"(pip install {RUNTIMES[names[0]].package})")
 
 
 def build_frozen_encoder(net: PromptableSAM, settings: RuntimeSettings, device: torch.device) -> FrozenEncoder:
     """The frozen encoder of ``net`` in the runtime ``settings`` ask for, exported once and checked against
-    torch on a probe canvas once per runtime version; torch where that fails (one log line). A prompt-free
-    baseline (no SAM image encoder) keeps torch."""
-    name, precision = resolve_runtime(settings.runtime, settings.precision, device)
+    torch on a probe canvas once per runtime version; torch where that fails (one log line, kept as the
+    encoder's ``fallback``). A prompt-free baseline (no SAM image encoder) keeps torch."""
+    name, precision, missing = _resolve(settings.runtime, settings.precision, device)
+    if missing:
+        log.warning("%s; the frozen encoder runs in torch fp32", missing)
+        return TorchEncoder(net, fallback=missing)
     if name == "torch" or not isinstance(net, PromptableSAM):
         return TorchEncoder(net)
     runtime = RUNTIMES[name]
     try:
         fingerprint = net.encoder_fingerprint()
         store = EncoderStore(settings.store, net, fingerprint)
-        encoder = GraphEncoder(net, runtime.load(store.onnx_path(), precision, usable_cpus()), name, precision,
-                               fingerprint)
-        check = f"{name}-{runtime.version()}-{precision}"
+        infer, ran = runtime.load(store.onnx_path(), precision, usable_cpus())
+        lacks = "" if ran == precision else f"model.runtime_precision={precision}: {name} runs {ran} on this CPU"
+        if lacks:
+            log.warning("%s (no %s support); its embeddings are keyed as %s", lacks, precision, ran)
+        encoder = GraphEncoder(net, infer, name, ran, fingerprint, fallback=lacks)
+        check = f"{name}-{runtime.version()}-{ran}"
         error = store.checked_error(check)
         if error is None:
             error = probe_error(net, encoder)
             store.record_check(check, error)
-        if not error <= TOLERANCE[precision]:
+        allowed = TOLERANCE.get(ran, TOLERANCE[precision])
+        if not error <= allowed:
             raise ValueError(f"its embedding differs from torch's by {error:.2e} (relative; allowed "
-                             f"{TOLERANCE[precision]:.0e} at {precision})")
+                             f"{allowed:.0e} at {ran})")
     except Exception as exc:  # an exporter or runtime failure of any kind: torch gives the same masks
         reason = (str(exc).strip().splitlines() or [""])[0][:200]
-        log.warning("model.runtime=%s could not run the image encoder of model %s at %s (%s: %s); it runs in "
-                    "torch fp32", name, net.spec.name, precision, type(exc).__name__, reason)
-        return TorchEncoder(net)
+        failed = (f"model.runtime={name} could not run the image encoder of model {net.spec.name} at "
+                  f"{precision} ({type(exc).__name__}: {reason})")
+        log.warning("%s; it runs in torch fp32", failed)
+        return TorchEncoder(net, fallback=failed)
     return encoder
 
 
