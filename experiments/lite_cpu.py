@@ -20,6 +20,7 @@ images and one epoch per job, one value per selection axis; by default one row o
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import subprocess
@@ -27,6 +28,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import pandas as pd
 from PIL import Image
 
 from polypsam.data.datamodule import folder_records
@@ -35,7 +37,7 @@ from polypsam.prompts import auto_settings
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the rows and the report beside this script
 from lite_cpu_report import write_report  # noqa: E402
-from lite_cpu_rows import FAST_ROWS, ROWS, Row, ordered, proposer_ckpt, trainers  # noqa: E402
+from lite_cpu_rows import FAST_ROWS, PROBES, ROWS, Row, ordered, proposer_ckpt, trainers  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "experiments" / "results" / "lite_cpu"
@@ -116,11 +118,33 @@ def run_row(study: Study, row: Row, rerun: bool = False) -> None:
                    *row.grid_args(smallest=study.fast), f"data.split_file={study.split}", *study.shared(),
                    f"hydra.run.dir={out.with_name(f'select_{out.name}')}")
     if row.evaluate and not (out / "summary.csv").is_file():
-        asked = [a for a in row.evaluate if not (study.fast and a.startswith("model="))]
+        asked = [a for a in row.evaluate if not (study.fast and a.startswith("model"))]
         fast = [*FAST_EVAL, *(FAST_MODEL[row.model] if not row.job else ())] if study.fast else []
         study.call("polypsam.evaluate", *([f"ckpt_path={best}"] if best else []), *asked, *proposer,
                    *([f"prompt.settings={study.settings_file(row)}"] if row.select else []), *study.shared(),
                    *fast, f"hydra.run.dir={out}")
+
+
+def probe(study: Study, name: str) -> pd.DataFrame:
+    """``<name>_probe`` once per learning rate of PROBES (each resumable; finished ones skipped), and the best
+    validation Dice of each in ``<out>/probes/<name>.csv``: the row's lr is chosen on validation."""
+    found = []
+    for lr in PROBES[name]:
+        run = study.runs / f"{name}_probe" / f"lr_{lr:g}"
+        if not (run / "results.json").is_file():
+            if (run / "checkpoints" / "last.ckpt").is_file():
+                study.call("polypsam.train", f"resume={run}")
+            else:
+                study.call("polypsam.train", "+sweep=lite_cpu", f"+sweep/lite_cpu_jobs={name}_probe", f"scratch.lr={lr}",
+                           f"hydra.run.dir={run}", f"data.split_file={study.split}", *study.shared())
+        res = json.loads((run / "results.json").read_text())
+        found.append({"lr": lr, "best_val_dice": res["best_val_dice"], "precision": res.get("precision"),
+                      "fit_seconds": round(res["fit_seconds"]), "run": run.relative_to(study.runs).as_posix()})
+    table = pd.DataFrame(found)
+    (study.out / "probes").mkdir(parents=True, exist_ok=True)
+    table.to_csv(study.out / "probes" / f"{name}.csv", index=False)
+    print(f"[lite_cpu] {name} probes (validation Dice):\n{table.to_string(index=False)}", flush=True)
+    return table
 
 
 def copy_records(study: Study, row: Row) -> Path | None:
@@ -181,10 +205,18 @@ def main(argv=None) -> int:
     ap.add_argument("--no-report", action="store_true", help="run rows, leave the report (parallel drivers)")
     ap.add_argument("--rerun", action="store_true", help="run rows again even when their records are in the results")
     ap.add_argument("--fast", action="store_true", help="the miniature of every kind of row (see above)")
+    ap.add_argument("--jobs", nargs="*", help="only train these jobs (fresh or resumed), then stop")
+    ap.add_argument("--probe", choices=sorted(PROBES), help="run a row's learning-rate probes, then stop")
     args = ap.parse_args(argv)
     study = Study(Path(args.runs).resolve(), Path(args.out).resolve(), Path(args.data).resolve(), args.fast)
     if study.fast:
         fast_split(study)
+    if args.probe or args.jobs:
+        for job in args.jobs or ():
+            train_job(study, job, trainers()[job].model if job in trainers() else "lite")
+        if args.probe:
+            probe(study, args.probe)
+        return 0
     if not args.report_only:
         for row in ordered(args.rows or (FAST_ROWS if study.fast else None)):
             run_row(study, row, args.rerun)

@@ -58,15 +58,19 @@ class Row:
         return [f"prompt.proposer={proposer_ckpt(self, runs)}"] if self.proposer else []
 
 
+ZERO_SHOT = ("model=lite", "model.runtime=openvino", "model.runtime_precision=fp32")  # pinned, as the recipe's
 ROWS = (
-    Row("zero_shot_box", "zero-shot, paper box (literal tight box)", evaluate=("model=lite",)),
+    Row("zero_shot_box", "zero-shot, paper box (literal tight box)", evaluate=ZERO_SHOT),
     Row("zero_shot_clean_box", "zero-shot, clean box (specks under 16 px ignored)",
-        evaluate=("model=lite", "prompt.min_area=16")),
+        evaluate=(*ZERO_SHOT, "prompt.min_area=16")),
     Row("dec_box_s42", "decoder only, box, seed 42", "dec_box_s42"),
     Row("dec_box_s43", "decoder only, box, seed 43", "dec_box_s43"),
     Row("dec_box_s44", "decoder only, box, seed 44", "dec_box_s44"),
     Row("dec_jitter_s42", "decoder only, jittered boxes", "dec_jitter_s42"),
-    Row("lora_box_s42", "LoRA (encoder) + decoder, box", "lora_box_s42"),
+    Row("lora_box_s42", "LoRA (encoder) + decoder, box (120-image subset, 3 epochs)", "lora_box_s42"),
+    # which parts to train: the encoder-trained strategies on the full split, to early stop
+    Row("enc_dec_box_s42", "encoders + decoder, box, full split", "enc_dec_box_s42"),
+    Row("lora_box_full_s42", "LoRA (encoder) + decoder, box, full split", "lora_box_full_s42"),
     Row("dec_none", "decoder only, prompt-free (none)", "dec_mixed_s42"),
     Row("unet_s42", "U-Net baseline (smp), no prompt, 3 epochs (under-trained)", "unet_s42", model="unet"),
     Row("unet_conv_s42", "U-Net baseline (smp), no prompt, to convergence", "unet_conv_s42", model="unet"),
@@ -105,6 +109,8 @@ PAIRS = (("what fine-tuning buys", "dec_box", "zero_shot_box"),
          ("specks in the paper box", "zero_shot_clean_box", "zero_shot_box"),
          ("jittered training boxes", "dec_jitter_s42", "dec_box"),
          ("LoRA against decoder only", "lora_box_s42", "dec_box"),
+         ("encoders + decoder against decoder only", "enc_dec_box_s42", "dec_box"),
+         ("LoRA (full split) against decoder only", "lora_box_full_s42", "dec_box"),
          ("SAM against a U-Net", "dec_box", "unet_conv_s42"),
          ("no box: automatic boxes against a U-Net", "dec_auto_sel", "unet_conv_s42"),
          ("no box: automatic boxes against a U-Net++", "dec_auto_sel", "unetpp_conv_s42"),
@@ -139,6 +145,11 @@ DERIVED = {"dec_box": "the decoder-only box row, per-image mean over the seeds i
 
 def proposer_ckpt(row: Row, runs: Path) -> Path | None:
     return runs / row.proposer / "checkpoints" / "best.ckpt" if row.proposer else None
+
+
+# learning-rate probes (conf/sweep/lite_cpu_jobs/<name>_probe.yaml: one epoch on a subset, validation only):
+# the lr with the best validation Dice goes into the row's job config
+PROBES = {"enc_dec": (4e-6, 1e-5, 3e-5), "lora": (3e-5, 1e-4, 3e-4)}
 
 
 def trainers(rows=None) -> dict[str, Row]:
