@@ -4,7 +4,7 @@ Merges evaluations into one table, a row per run (backbone x strategy x split x 
 columns with DSC / mIoU sub-columns, written as Markdown and CSV. This is how the paper's Tables 1 to 3 come
 out of a sweep: Table 1 (backbone x strategy) and Table 3 (training data) are rows of the same table.
 With --out, provenance.md and provenance.csv trace every row to its config, split, checkpoint, version,
-commit, hardware, precision, encoder runtime and wall-clock time (polypsam.provenance_table); the paths
+commit, hardware, precision, encoder runtime and wall-clock time (polypsam.reporting.provenance_table); the paths
 written (table.csv's eval_dir too) are relative to the --out folder.
 """
 
@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from polypsam import reporting as rep
 from polypsam.cli import one_line, run_cli
 from polypsam.errors import ConfigError, DataError, PolypSamError
-from polypsam.provenance_table import provenance_markdown, provenance_rows, with_relative_paths
+from polypsam.reporting import tables as rep
+from polypsam.reporting.provenance_table import provenance_markdown, provenance_rows, with_relative_paths
 
 
 def compare(paths: Sequence[str | Path], metric: str = "dice", names: Sequence[str] | None = None) -> pd.DataFrame:

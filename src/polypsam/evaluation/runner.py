@@ -72,7 +72,7 @@ def collect_records(root: str | Path, test_sets, limit_test, split_seed: int, ge
     dm.setup("test")
     if not dm.test_sets:
         raise DataError(f"{Path(root) / 'TestDataset'}: no test sets found; expected "
-                        "TestDataset/<name>/{images,masks} under data.root (python -m polypsam.data.prepare "
+                        "TestDataset/<name>/{images,masks} under data.root (python -m polypsam.curation.prepare "
                         "builds this layout).")
     return {name: ds.records for name, ds in dm.test_sets.items()}
 

@@ -21,7 +21,6 @@ import pandas as pd
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
-from polypsam.checkpoints import load_model
 from polypsam.data.datamodule import folder_records
 from polypsam.data.dataset import Record
 from polypsam.data.splits import make_split, membership_digest, read_split
@@ -33,6 +32,7 @@ from polypsam.metrics import dice_iou
 from polypsam.prompts import auto_settings
 from polypsam.prompts.auto import AutoPrompt
 from polypsam.runtime import RuntimeSettings
+from polypsam.training.checkpoints import load_model
 
 log = logging.getLogger("polypsam.select_auto")
 

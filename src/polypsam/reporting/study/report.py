@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from polypsam import reporting as rep
+from polypsam.reporting import tables as rep
 
 NEGLIGIBLE = 0.005  # a mean Dice difference under this is read as none, whatever its interval
 
@@ -86,7 +86,7 @@ def spread_markdown(spread: pd.DataFrame) -> str:
 
 
 def subset_markdown(tables: list[tuple[str, pd.DataFrame]], inside: str, outside: str) -> str:
-    """(row label, :func:`polypsam.study.subset_means` table) -> a row per row, two columns per set that has
+    """(row label, :func:`polypsam.reporting.study.subset_means` table) -> a row per row, two columns per set that has
     images in the subset: the mean over them and over the others, with their counts in the header."""
     first = tables[0][1].to_dict("records")
     sets = [(r["dataset"], r["n_in"], r["n_out"]) for r in first if r["n_in"]]

@@ -28,9 +28,9 @@ from polypsam.config import model_from_cfg
 from polypsam.errors import CheckpointError, ConfigError
 from polypsam.models.identity import base_weights_sha256, check_base, with_base_state
 from polypsam.models.sam import PromptableSAM
-from polypsam.module import CHECKPOINT_FORMAT, CHECKPOINT_KEY
+from polypsam.training.module import CHECKPOINT_FORMAT, CHECKPOINT_KEY
 
-log = logging.getLogger("polypsam.checkpoints")
+log = logging.getLogger("polypsam.training.checkpoints")
 
 LAST_NAME = "last.ckpt"  # a run's resumable checkpoint, in <run>/checkpoints/
 
@@ -106,7 +106,7 @@ def check_resume_checkpoint(path: str | Path, model_name: str | None = None) -> 
 def resolve_ckpt_path(ckpt_path: str | None, output_dir: str | Path, model_name: str | None = None) -> str | None:
     """``ckpt_path`` as a checked file: a file as given, a run directory's ``checkpoints/last.ckpt``, or
     ``last`` for this run's own (the CLI has already turned ``last`` into a file, see
-    :func:`polypsam.resume.resume_argv`)."""
+    :func:`polypsam.training.resume.resume_argv`)."""
     if ckpt_path in (None, "", "null"):
         return None
     if str(ckpt_path) == "last":

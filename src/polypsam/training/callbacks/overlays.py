@@ -11,7 +11,7 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 
 from polypsam.data.io import read_image
-from polypsam.drawing import overlay
+from polypsam.reporting.drawing import overlay
 
 TILE_HEIGHT = 256
 

@@ -17,8 +17,8 @@ from matplotlib.figure import Figure
 
 from polypsam.data.files import STANDARD_TEST_SETS
 from polypsam.data.io import read_image, read_mask
-from polypsam.drawing import overlay
 from polypsam.errors import DataError
+from polypsam.reporting.drawing import overlay
 
 # Short column names used in the paper's tables.
 SHORT_NAMES = {"Kvasir": "Kvasir", "CVC-ClinicDB": "ClinicDB", "CVC-ColonDB": "ColonDB", "CVC-300": "CVC-300",

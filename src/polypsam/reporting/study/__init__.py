@@ -4,6 +4,6 @@
 writes the report; ``experiments/lite_cpu.py`` is the driver that runs the rows and calls them.
 """
 
-from polypsam.study.paired import paired_comparison, seed_mean, seed_spread, subset_means
+from polypsam.reporting.study.paired import paired_comparison, seed_mean, seed_spread, subset_means
 
 __all__ = ["paired_comparison", "seed_mean", "seed_spread", "subset_means"]

@@ -1,6 +1,6 @@
 """Faults on purpose, at a chosen training batch: for the tests, and to rehearse recovery. Never in real runs.
 
-    python -m polypsam.train +experiment=tiny +callbacks.fault._target_=polypsam.callbacks.InjectFault \\
+    python -m polypsam.train +experiment=tiny +callbacks.fault._target_=polypsam.training.callbacks.InjectFault \\
         +callbacks.fault.kind=sigkill +callbacks.fault.at_batch=17
 """
 
@@ -14,8 +14,8 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from polypsam.callbacks.last_checkpoint import LastCheckpoint
 from polypsam.errors import ConfigError
+from polypsam.training.callbacks.last_checkpoint import LastCheckpoint
 
 
 class InjectFault(L.Callback):
@@ -43,7 +43,7 @@ class InjectFault(L.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if self.kind == "oom" and self._batch_number(trainer) == self.at_batch:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected by "
-                                         "polypsam.callbacks.InjectFault)")
+                                         "polypsam.training.callbacks.InjectFault)")
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         if self.kind == "nan_grad" and self._batch_number(trainer) == self.at_batch:

@@ -1,6 +1,6 @@
 """Near-duplicates across the split: test and validation frames with a near-identical training frame.
 
-    python -m polypsam.data.neighbours ROOT [--split RUN/split.json] [--embeddings DIR] [--out FILE.json]
+    python -m polypsam.curation.neighbours ROOT [--split RUN/split.json] [--embeddings DIR] [--out FILE.json]
                                             [--figure FILE.png]
 
 CVC-ClinicDB's frames come from videos, and PraNet's split puts neighbouring frames in training and test,
@@ -115,7 +115,7 @@ def find_neighbours(root: str | Path, split_file: str | None = None, embeddings:
     root = Path(root).expanduser()
     if not (root / "TrainDataset").is_dir():
         raise DataError(f"{root}: no TrainDataset folder; give a data root in PraNet's layout "
-                        "(python -m polypsam.data.prepare builds one).")
+                        "(python -m polypsam.curation.prepare builds one).")
     queries, refs = _groups(root, split_file)
     names = sorted({p for group in (*queries.values(), *refs.values()) for p in group})
     index = {p: i for i, p in enumerate(names)}
@@ -152,7 +152,7 @@ def find_neighbours(root: str | Path, split_file: str | None = None, embeddings:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m polypsam.data.neighbours", description=__doc__.split("\n\n")[1])
+    ap = argparse.ArgumentParser(prog="python -m polypsam.curation.neighbours", description=__doc__.split("\n\n")[1])
     ap.add_argument("root", help="data root in PraNet's layout (only read)")
     ap.add_argument("--split", help="a run's split.json (default: the 80/20 split of seed 42, as training makes)")
     ap.add_argument("--embeddings", help="an embedding-cache folder holding every image (a second measure)")
@@ -174,7 +174,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.out:
         outputs.append((Path(args.out), lambda p: p.write_text(json.dumps(report, indent=1) + "\n")))
     if args.figure:  # the hash's pairs, and the embedding's beside it (<name>-embedding.png)
-        from polypsam.data.neighbours_figure import threshold_pairs_figure
+        from polypsam.curation.neighbours_figure import threshold_pairs_figure
 
         fig = Path(args.figure)
         outputs.append((fig, lambda p: threshold_pairs_figure(report, "hash").savefig(p)))

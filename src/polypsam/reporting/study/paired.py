@@ -51,7 +51,7 @@ def subset_means(per_image: pd.DataFrame, subset: dict[str, set[str]], metric: s
     """Per test set: the mean of ``metric`` over the images ``subset[set]`` names and over the others.
 
     ``subset`` maps a set (per_image.csv's ``dataset``) to image names, e.g. the masks whose tight box
-    a speck stretches (``python -m polypsam.data.specks``); a mean over no image is NaN.
+    a speck stretches (``python -m polypsam.curation.specks``); a mean over no image is NaN.
     """
     rows = []
     for name, sub in per_image.groupby("dataset", sort=False):

@@ -1,6 +1,6 @@
 """Masks whose literal tight box a stray speck stretches: counted and named.
 
-    python -m polypsam.data.specks ROOT [--min-area 16] [--out specks.json]
+    python -m polypsam.curation.specks ROOT [--min-area 16] [--out specks.json]
 
 The paper's box prompt is the tight box around every foreground pixel (``BoxPrompt(min_area=0)``). A
 single stray pixel far from the polyp stretches that box over most of the frame: PraNet's copy of
@@ -9,7 +9,7 @@ its literal tight box exceeds the area of the tight box with components under ``
 ignored (``BoxPrompt(min_area=...)``) by more than ``GROWTH`` (10 %). Both boxes come from
 :class:`polypsam.prompts.box.BoxPrompt`, the prompt the models are given.
 
-``SPECK_MIN_AREA`` = 16 px, the default of :func:`polypsam.data.transforms.boxes_per_component`.
+``SPECK_MIN_AREA`` = 16 px, the default of :func:`polypsam.geometry.boxes_per_component`.
 Measured on the development data (``../shared/data/polyp``, 1,205 training and 100 test masks): every
 stretching component is 1 to 3 px, and polyps (and the parts a polyp is split into) are hundreds of
 pixels, so any ``min_area`` from 4 to 100 gives the same count; 16 sits well inside that plateau.
@@ -77,7 +77,7 @@ def data_sets(root: Path) -> dict[str, Path]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m polypsam.data.specks", description=__doc__.split("\n\n")[2])
+    ap = argparse.ArgumentParser(prog="python -m polypsam.curation.specks", description=__doc__.split("\n\n")[2])
     ap.add_argument("root", help="data root in PraNet's layout (only read)")
     ap.add_argument("--min-area", type=int, default=SPECK_MIN_AREA, help="specks: components under this many px")
     ap.add_argument("--out", help="write the report as JSON to this file")
@@ -90,7 +90,7 @@ def _run(args: argparse.Namespace) -> int:
     sets = data_sets(root)
     if not sets:
         raise DataError(f"{root}: no TrainDataset or TestDataset/<name> folder; give a data root in PraNet's "
-                        "layout (python -m polypsam.data.prepare builds one).")
+                        "layout (python -m polypsam.curation.prepare builds one).")
     report = {"root": str(root.resolve()), "sets": {}}
     for name, folder in sets.items():
         masks = [p.mask for p in find_pairs(folder / "images", folder / "masks")]

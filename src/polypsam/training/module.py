@@ -17,7 +17,6 @@ from polypsam.data.embedding_cache import EmbeddingCache
 from polypsam.devices import FULL_PRECISION
 from polypsam.errors import DataError, TrainingDiverged
 from polypsam.inference import original_probabilities
-from polypsam.losses import SegmentationLoss
 from polypsam.metrics import dice_iou
 from polypsam.models.frozen import FrozenParts
 from polypsam.models.identity import base_weights_sha256, check_base, trainable_state, with_base_state
@@ -25,6 +24,7 @@ from polypsam.models.lora import has_lora
 from polypsam.models.sam import PromptableSAM
 from polypsam.runtime import FrozenEncoder, TorchEncoder
 from polypsam.runtime.encoder import EXACT_PRECISION
+from polypsam.training.losses import SegmentationLoss
 
 CHECKPOINT_KEY = "polypsam"
 # checkpoint["polypsam"]["format"]: 2 once frozen parts are held frozen (polypsam issue 18) and checked against

@@ -27,13 +27,13 @@ class DatasetDownload:
 
 
 _PRANET_MANUAL = ("Google Drive answers plain HTTP clients with a confirmation page, not the file: open {url} in "
-                  "a browser, save {file}, then run: python -m polypsam.data.prepare {file} --out {root}")
+                  "a browser, save {file}, then run: python -m polypsam.curation.prepare {file} --out {root}")
 DOWNLOADS: dict[str, DatasetDownload] = {
     d.key: d for d in (
         DatasetDownload("kvasir-seg", "Kvasir-SEG", "https://datasets.simula.no/downloads/kvasir-seg.zip",
                         "kvasir-seg.zip",
                         manual="download {url} in a browser or with wget on a machine with internet access, "
-                               "then run: python -m polypsam.data.prepare kvasir-seg.zip --out {root}"),
+                               "then run: python -m polypsam.curation.prepare kvasir-seg.zip --out {root}"),
         DatasetDownload("pranet-train", "PraNet TrainDataset",
                         "https://drive.google.com/file/d/1lODorfB33jbd-im-qrtUgWnZXxB94F55/view", None,
                         manual=_PRANET_MANUAL.replace("{file}", "TrainDataset.zip")),

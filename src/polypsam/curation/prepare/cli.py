@@ -1,12 +1,12 @@
-"""``python -m polypsam.data.prepare``: the command line around :func:`polypsam.data.prepare.run.prepare`."""
+"""``python -m polypsam.curation.prepare``: the command line around :func:`polypsam.curation.prepare.run.prepare`."""
 
 from __future__ import annotations
 
 import argparse
 
 from polypsam.cli import run_cli
-from polypsam.data.prepare.fetch import DOWNLOADS
-from polypsam.data.prepare.run import prepare
+from polypsam.curation.prepare.fetch import DOWNLOADS
+from polypsam.curation.prepare.run import prepare
 
 
 def _parse_url(value: str) -> tuple[str, str]:
@@ -19,7 +19,7 @@ def _parse_url(value: str) -> tuple[str, str]:
 def main(argv: list[str] | None = None) -> int:
     """0: every set passed; 1: a set failed its checks; 2: unusable input (one line on stderr); 130: interrupted."""
     parser = argparse.ArgumentParser(
-        prog="python -m polypsam.data.prepare",
+        prog="python -m polypsam.curation.prepare",
         description="Turn the official polyp archives or folders into polypsam's PraNet layout.")
     parser.add_argument("sources", nargs="*", metavar="SRC", help="dataset .zip archives or folders")
     parser.add_argument("--out", required=True, metavar="ROOT", help="output folder (the data root)")

@@ -1,6 +1,6 @@
 """Turn the official polyp archives (or their extracted folders) into the layout polypsam reads.
 
-    python -m polypsam.data.prepare SRC [SRC ...] --out ROOT [--download] [--force] [--url KEY=URL]
+    python -m polypsam.curation.prepare SRC [SRC ...] --out ROOT [--download] [--force] [--url KEY=URL]
 
 Where things go:
 
@@ -35,7 +35,7 @@ Modules: ``sources`` (zips and folders as file lists), ``detect`` (which dataset
 (``--download``), ``run`` (:func:`prepare`), ``cli`` (:func:`main`).
 """
 
-from polypsam.data.prepare.cli import main
-from polypsam.data.prepare.run import PrepareResult, prepare
+from polypsam.curation.prepare.cli import main
+from polypsam.curation.prepare.run import PrepareResult, prepare
 
 __all__ = ["PrepareResult", "main", "prepare"]

@@ -14,10 +14,10 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 from PIL import Image
 
+from polypsam.curation.prepare.boxes import BOXES_NAME, box_stats, boxes_file, read_published, tight_box
+from polypsam.curation.prepare.detect import Found
+from polypsam.curation.prepare.sources import Tree
 from polypsam.data.io import read_image, read_mask_report, require_foreground, size_mismatch
-from polypsam.data.prepare.boxes import BOXES_NAME, box_stats, boxes_file, read_published, tight_box
-from polypsam.data.prepare.detect import Found
-from polypsam.data.prepare.sources import Tree
 from polypsam.download import sha256_file
 from polypsam.errors import DataError
 

@@ -15,7 +15,7 @@ from pathlib import Path, PurePosixPath
 
 from PIL import Image
 
-from polypsam.data.prepare.sources import Tree, describe
+from polypsam.curation.prepare.sources import Tree, describe
 from polypsam.errors import DataError
 
 STANDALONE_NAMES = ("Kvasir-SEG", "CVC-ClinicDB", "CVC-ColonDB", "CVC-300", "ETIS-LaribPolypDB")

@@ -44,7 +44,7 @@ from polypsam.devices import device_count
 from polypsam.errors import SIGTERM_EXIT_CODE, ConfigError, PolypSamError, StoppedBySignal
 from polypsam.run_dir import claim_run_dir
 
-log = logging.getLogger("polypsam.launch")
+log = logging.getLogger("polypsam.training.launch")
 
 RESULT_FILE = "result.pkl"
 
@@ -194,7 +194,7 @@ def _start_ranks(fn, cfg: DictConfig, devices: int, nodes: int, force_lightning_
                             "node_rank": node_rank, "master_addr": addr, "master_port": port,
                             "strategy": _strategy_name(cfg),
                             "accelerator": str(cfg.trainer.get("accelerator")),
-                            "started_by": "polypsam.launch (torch.multiprocessing spawn)",
+                            "started_by": "polypsam.training.launch (torch.multiprocessing spawn)",
                             "parent_pid": os.getpid()}
     log.info("starting %d DDP ranks (node %d of %d) on %s:%d; logs in %s", devices, node_rank, nodes, addr,
              port, ddp_dir)
@@ -324,7 +324,7 @@ def _run_rank(fn, cfg: DictConfig, rank: int, world: int, env: str) -> dict:
     with open_dict(cfg):
         if cfg.get("callbacks") is None:
             cfg.callbacks = {}
-        cfg.callbacks.rank_report = {"_target_": "polypsam.launch.RankReport", "dirpath": str(ddp_dir)}
+        cfg.callbacks.rank_report = {"_target_": "polypsam.training.launch.RankReport", "dirpath": str(ddp_dir)}
     log.info("rank %d of %d (%s): pid %d on %s, master %s:%s", rank, world, env, os.getpid(),
              socket.gethostname(), os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT"))
     t0 = time.perf_counter()

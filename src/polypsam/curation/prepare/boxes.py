@@ -7,8 +7,8 @@ from pathlib import PurePosixPath
 
 import numpy as np
 
+from polypsam.curation.prepare.sources import Tree
 from polypsam.data.kvasir_boxes import parse_kvasir_boxes
-from polypsam.data.prepare.sources import Tree
 from polypsam.errors import DataError
 
 BOXES_NAME = "boxes.json"

@@ -16,10 +16,10 @@ from PIL import Image
 from rich.console import Console
 from rich.table import Table
 
+from polypsam.curation.prepare.write import Counts, SetResult, put
+from polypsam.curation.specks import speck_report
 from polypsam.data.files import STANDARD_TEST_SETS, ImageMaskPair, find_pairs
 from polypsam.data.io import IMAGE_EXTENSIONS, image_size
-from polypsam.data.prepare.write import Counts, SetResult, put
-from polypsam.data.specks import speck_report
 from polypsam.download import sha256_file
 from polypsam.errors import DataError
 
@@ -139,7 +139,7 @@ def write_report(root: Path, results: dict[str, SetResult], previous: dict, down
             "problems": problems[:20],
             "warnings": set_warnings,
         }
-        if not problems:  # masks whose literal tight box a speck stretches, named (polypsam.data.specks)
+        if not problems:  # masks whose literal tight box a speck stretches, named (polypsam.curation.specks)
             entry["specks"] = speck_report([p.mask for p in pairs], root)
         if res and res.boxes is not None:
             entry["kvasir_boxes"] = res.boxes

@@ -8,11 +8,11 @@ from pathlib import Path
 
 from rich.console import Console
 
-from polypsam.data.prepare.detect import detect_sets
-from polypsam.data.prepare.fetch import DOWNLOADS, fetch_all
-from polypsam.data.prepare.report import load_report, print_summary, write_report
-from polypsam.data.prepare.sources import open_sources
-from polypsam.data.prepare.write import Counts, SetResult, check_masks, write_set
+from polypsam.curation.prepare.detect import detect_sets
+from polypsam.curation.prepare.fetch import DOWNLOADS, fetch_all
+from polypsam.curation.prepare.report import load_report, print_summary, write_report
+from polypsam.curation.prepare.sources import open_sources
+from polypsam.curation.prepare.write import Counts, SetResult, check_masks, write_set
 from polypsam.errors import DataError
 from polypsam.progress import count_bar
 
@@ -27,7 +27,7 @@ class PrepareResult:
 
 def prepare(sources: list[str | Path], root: str | Path, *, download: bool = False, force: bool = False,
             urls: dict[str, str] | None = None, console: Console | None = None) -> PrepareResult:
-    """Build ROOT from ``sources``; see polypsam.data.prepare's docstring. Raises DataError on unusable input."""
+    """Build ROOT from ``sources``; see polypsam.curation.prepare's docstring. Raises DataError on unusable input."""
     if console is None:
         console = Console()
         if not console.is_terminal:  # logs and CI: rich's 80 columns would cut the set names

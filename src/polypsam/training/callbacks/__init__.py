@@ -1,4 +1,4 @@
-"""Lightning callbacks, one per file; configs name them as ``polypsam.callbacks.<Class>``.
+"""Lightning callbacks, one per file; configs name them as ``polypsam.training.callbacks.<Class>``.
 
 * :class:`ValidationOverlays` (``overlays.py``): a few validation images per epoch, as PNG and in W&B.
 * :class:`EpochTimer` (``timing.py``): wall time of each epoch.
@@ -7,10 +7,10 @@
 * :class:`InjectFault` (``drills.py``): a fault at a chosen batch, for tests and recovery drills.
 """
 
-from polypsam.callbacks.drills import InjectFault
-from polypsam.callbacks.fault_guard import FaultGuard
-from polypsam.callbacks.last_checkpoint import LastCheckpoint
-from polypsam.callbacks.overlays import ValidationOverlays
-from polypsam.callbacks.timing import EpochTimer
+from polypsam.training.callbacks.drills import InjectFault
+from polypsam.training.callbacks.fault_guard import FaultGuard
+from polypsam.training.callbacks.last_checkpoint import LastCheckpoint
+from polypsam.training.callbacks.overlays import ValidationOverlays
+from polypsam.training.callbacks.timing import EpochTimer
 
 __all__ = ["EpochTimer", "FaultGuard", "InjectFault", "LastCheckpoint", "ValidationOverlays"]

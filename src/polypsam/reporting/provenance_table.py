@@ -4,7 +4,7 @@ Per row (one evaluation): the resolved config (the training run's ``config_resol
 evaluation's own for a zero-shot row), the split file and the sha256 of its image lists
 (:func:`polypsam.data.splits.split_digest`: equal for every run on the same images), the checkpoint's sha256, the
 polypsam version, the git commit and hardware of training and of evaluation (``provenance.json``,
-:mod:`polypsam.provenance`), the precision and frozen-encoder runtime each ran at (the run's
+:mod:`polypsam.reporting.provenance`), the precision and frozen-encoder runtime each ran at (the run's
 ``results.json``, the evaluation's ``meta.json``), and the wall-clock time of each. Paths, in the
 Markdown's links and in the CSV, are relative to the folder they are written to, never absolute; the CSV
 holds full digests. What a run did not record (a run from before provenance.json existed, a checkpoint
@@ -21,10 +21,10 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from polypsam import provenance
 from polypsam.data.splits import split_digest
 from polypsam.download import sha256_file
-from polypsam.reporting import markdown_table
+from polypsam.reporting import provenance
+from polypsam.reporting.tables import markdown_table
 
 MISSING = "–"
 PATH_COLUMNS = ("config", "split", "checkpoint", "eval_dir")  # the columns of this table that hold paths
@@ -112,7 +112,7 @@ def _train_encoder(res: dict) -> str | None:
 
 
 def provenance_rows(named_evaluations: list[tuple[str, dict]]) -> pd.DataFrame:
-    """A row per (row name, evaluation from :func:`polypsam.reporting.load_evaluation`)."""
+    """A row per (row name, evaluation from :func:`polypsam.reporting.tables.load_evaluation`)."""
     # a digest one evaluation recorded also serves another evaluation of the same checkpoint file that
     # predates the record (and whose checkpoint has since moved away)
     recorded = {e["meta"]["checkpoint"]: e["meta"]["checkpoint_sha256"] for _, e in named_evaluations

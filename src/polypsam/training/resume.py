@@ -14,11 +14,11 @@ from pathlib import Path
 import yaml
 from hydra import compose, initialize_config_dir
 
-from polypsam.checkpoints import LAST_NAME
 from polypsam.cli import one_line
 from polypsam.config import CONF_DIR
 from polypsam.errors import CheckpointError, ConfigError
 from polypsam.run_dir import claim_run_dir
+from polypsam.training.checkpoints import LAST_NAME
 
 OWN_KEYS = ("hydra.run.dir", "ckpt_path", "data.split_file", "resume")  # set by resume_argv itself
 

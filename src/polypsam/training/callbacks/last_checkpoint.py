@@ -7,8 +7,8 @@ from pathlib import Path
 
 import lightning as L
 
-from polypsam.checkpoints import LAST_NAME
 from polypsam.errors import ConfigError, StoppedBySignal
+from polypsam.training.checkpoints import LAST_NAME
 
 
 class LastCheckpoint(L.Callback):

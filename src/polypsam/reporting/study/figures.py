@@ -5,12 +5,12 @@ from __future__ import annotations
 import pandas as pd
 from matplotlib.figure import Figure
 
-from polypsam import reporting as rep
+from polypsam.reporting import tables as rep
 
 
 def validation_curves(metrics: dict[str, pd.DataFrame]) -> Figure:
     """Validation Dice against epochs completed (0: before training, the zero-shot value), one line per row;
-    ``metrics``: each row's logged history (``polypsam.run_metrics.read_metrics``)."""
+    ``metrics``: each row's logged history (``polypsam.training.run_metrics.read_metrics``)."""
     fig = Figure(figsize=(6.4, 4.0), dpi=110)
     ax = fig.subplots()
     for name, m in metrics.items():
