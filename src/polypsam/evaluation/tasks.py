@@ -14,8 +14,9 @@ from omegaconf.errors import OmegaConfBaseException
 from polypsam.config import model_from_cfg, prompt_from_cfg
 from polypsam.download import sha256_file
 from polypsam.errors import ConfigError
+from polypsam.evaluation.records import checked_test_records
 from polypsam.evaluation.report import console_summary, log_wandb, write_outputs
-from polypsam.evaluation.runner import EvalResult, checked_test_records, run_evaluation
+from polypsam.evaluation.runner import EvalResult, run_evaluation
 from polypsam.evaluation.settings import EvalSettings, settings_from_cfg
 from polypsam.models import available_models
 from polypsam.models.registry import takes_prompts
