@@ -3,7 +3,8 @@
 :func:`resume_argv` rewrites ``sys.argv`` before Hydra starts (Hydra would otherwise open a new run
 directory): the run's saved ``.hydra/config.yaml`` as the whole config, its folder, its split and its
 ``checkpoints/last.ckpt``. :func:`find_last_run` finds the newest run of a task for ``ckpt_path=last``;
-:func:`check_run_dir` says what is wrong with a folder that cannot be resumed.
+:func:`check_run_dir` says what is wrong with a folder that cannot be resumed. A run saved before a class it
+names as a Hydra ``_target_`` moved is pointed at the class's new home (:data:`MOVED_TARGETS`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,12 @@ from polypsam.run_dir import claim_run_dir
 from polypsam.training.checkpoints import LAST_NAME
 
 OWN_KEYS = ("hydra.run.dir", "ckpt_path", "data.split_file", "resume")  # set by resume_argv itself
+
+# Hydra targets a saved run may name, and where they live now (prefix -> prefix; issue 27 moved them)
+MOVED_TARGETS = {
+    "polypsam.callbacks.": "polypsam.training.callbacks.",
+    "polypsam.launch.RankReport": "polypsam.training.rank.RankReport",
+}
 
 
 def _quote(value: str) -> str:
@@ -96,13 +103,34 @@ def _started_with(hydra_dir: Path) -> set[str]:
     return found
 
 
+def _moved(target: str) -> str:
+    for old, new in MOVED_TARGETS.items():
+        if target.startswith(old):
+            return new + target[len(old):]
+    return target
+
+
+def moved_targets(config: dict, at: str = "") -> dict[str, tuple[str, str]]:
+    """``{key: (old, new)}`` for each ``_target_`` in a saved config that names a class at its old home."""
+    found = {}
+    items = config.items() if isinstance(config, dict) else enumerate(config if isinstance(config, list) else [])
+    for k, v in items:
+        key = f"{at}.{k}" if at else str(k)
+        if k == "_target_" and isinstance(v, str) and _moved(v) != v:
+            found[key] = (v, _moved(v))
+        elif isinstance(v, (dict, list)):
+            found.update(moved_targets(v, key))
+    return found
+
+
 def resume_argv(argv: list[str]) -> list[str]:
     """Command-line arguments for resuming, or ``argv`` unchanged when nothing is resumed.
 
     ``resume=<run dir>``, ``ckpt_path=<run dir>`` and ``ckpt_path=last`` become: the run's saved
     ``.hydra/config.yaml`` as the whole config (``--config-dir``; the ``conf/`` files may have changed
     since), ``hydra.run.dir=<run dir>`` so Hydra writes into the same folder instead of a new one,
-    ``ckpt_path=<run>/checkpoints/last.ckpt`` and ``data.split_file=<run>/split.json``. Overrides the run
+    ``ckpt_path=<run>/checkpoints/last.ckpt`` and ``data.split_file=<run>/split.json``, and ``_target_``s
+    that name a moved class pointed at its new home (one line says which). Overrides the run
     was started with are dropped (they are in its config); other value overrides are kept
     (``~callbacks.x``, ``trainer.max_epochs=...``); config-group choices are refused.
     """
@@ -138,4 +166,8 @@ def resume_argv(argv: list[str]) -> list[str]:
     if (run / "split.json").is_file():
         new.append(f"data.split_file={_quote(str(run / 'split.json'))}")
     print(f"resuming {run} from {run / 'checkpoints' / LAST_NAME}", flush=True)
-    return new + extras
+    moved = moved_targets(yaml.safe_load((hydra_dir / "config.yaml").read_text()) or {})
+    if moved:
+        print(f"resume={run}: its config names classes that have moved since; read at their new homes: "
+              + ", ".join(f"{old} -> {new}" for old, new in moved.values()), flush=True)
+    return new + [f"{key}={new}" for key, (_, new) in moved.items()] + extras
