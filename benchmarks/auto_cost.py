@@ -26,12 +26,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 from train_throughput import RESULTS, device_info, markdown_table, print_table, write_block  # noqa: E402
 
-from polypsam.checkpoints import load_model  # noqa: E402
 from polypsam.devices import usable_cpus  # noqa: E402
 from polypsam.models import build_model  # noqa: E402
 from polypsam.prediction import plan_jobs, run_prediction  # noqa: E402
 from polypsam.prompts import auto_settings, build_prompt  # noqa: E402
 from polypsam.runtime import RuntimeSettings  # noqa: E402
+from polypsam.training.checkpoints import load_model  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "polyp"

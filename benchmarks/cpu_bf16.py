@@ -24,7 +24,7 @@ from train_throughput import RESULTS, Case, Stepper, device_info, markdown_table
 
 from polypsam.devices import usable_cpus  # noqa: E402
 from polypsam.models import build_model  # noqa: E402
-from polypsam.module import PolypSAMModule  # noqa: E402
+from polypsam.training.module import PolypSAMModule  # noqa: E402
 
 CPU = torch.device("cpu")
 UNET = dict(pretrained=False, encoder_name="resnet18", encoder_weights=None,

@@ -61,9 +61,9 @@ from polypsam.models import build_model
 from polypsam.models.freeze import STRATEGIES, freeze_strategy
 from polypsam.models.lora import apply_lora
 from polypsam.models.sam import ModelSpec, PromptableSAM
-from polypsam.module import PolypSAMModule
 from polypsam.prompts import PromptBatch
 from polypsam.prompts.box import BoxPrompt
+from polypsam.training.module import PolypSAMModule
 
 RESULTS = REPO / "benchmarks" / "RESULTS.md"
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "polyp"

@@ -182,9 +182,9 @@ def copy_records(study: Study, row: Row) -> Path | None:
 def data_notes(study: Study) -> None:
     """polypsam's own data reports: masks stretched by specks, test frames with a near-duplicate in training."""
     if not (study.out / "specks.json").is_file():
-        study.call("polypsam.data.specks", str(study.data), "--out", str(study.out / "specks.json"))
+        study.call("polypsam.curation.specks", str(study.data), "--out", str(study.out / "specks.json"))
     if not (study.out / "neighbours.json").is_file():
-        study.call("polypsam.data.neighbours", str(study.data), "--split", str(study.split), "--out",
+        study.call("polypsam.curation.neighbours", str(study.data), "--split", str(study.split), "--out",
                    str(study.out / "neighbours.json"))
 
 

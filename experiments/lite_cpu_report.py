@@ -9,10 +9,9 @@ import pandas as pd
 from lite_cpu_rows import BLIND_SEEDS, DERIVED, ERRATA_CAUSE, PAIRS, ROWS, SEEDS, Row
 
 from polypsam import compare
-from polypsam.run_metrics import read_metrics
-from polypsam.study import paired_comparison, seed_mean, seed_spread, subset_means
-from polypsam.study.figures import robustness_all, validation_curves
-from polypsam.study.report import (
+from polypsam.reporting.study import paired_comparison, seed_mean, seed_spread, subset_means
+from polypsam.reporting.study.figures import robustness_all, validation_curves
+from polypsam.reporting.study.report import (
     RowResult,
     detection_markdown,
     errata_markdown,
@@ -21,6 +20,7 @@ from polypsam.study.report import (
     spread_markdown,
     subset_markdown,
 )
+from polypsam.training.run_metrics import read_metrics
 
 # Rows trained before frozen parts were held in eval mode (issue 18): their old figures, kept for the errata
 ERRATA_NAME = "errata_before.csv"

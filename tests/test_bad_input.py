@@ -28,7 +28,7 @@ import polypsam.evaluate  # noqa: F401
 import polypsam.predict  # noqa: F401
 import polypsam.train  # noqa: F401
 from polypsam.config import CONF_DIR
-from polypsam.data.transforms import box_from_mask
+from polypsam.geometry import box_from_mask
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = ["+experiment=tiny", "data=pranet", "data.num_workers=0", "data.limit_train=null", "data.limit_val=null",

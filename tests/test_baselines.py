@@ -8,7 +8,6 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from polypsam.checkpoints import load_model
 from polypsam.config import CONF_DIR
 from polypsam.data.splits import make_split, write_split
 from polypsam.errors import ConfigError
@@ -18,6 +17,7 @@ from polypsam.models.baselines import IMAGENET_MEAN, SmpSegmenter
 from polypsam.models.freeze import STRATEGIES, freeze_strategy
 from polypsam.prompts.none import NonePrompt
 from polypsam.train import train
+from polypsam.training.checkpoints import load_model
 
 TINY = {"encoder_name": "tu-test_resnet", "encoder_weights": None, "image_size": 64,
         "arch_kwargs": {"decoder_channels": [32, 16, 16, 8, 8]}}

@@ -9,13 +9,13 @@ import pytest
 import torch
 from PIL import Image
 
+from polypsam.curation.neighbours import MAX_BITS, find_neighbours
+from polypsam.curation.neighbours import main as neighbours_main
+from polypsam.curation.prepare import prepare
+from polypsam.curation.specks import box_growth, speck_report
+from polypsam.curation.specks import main as specks_main
 from polypsam.data.datamodule import PolypDataModule
 from polypsam.data.embedding_cache import EmbeddingCache, file_digest
-from polypsam.data.neighbours import MAX_BITS, find_neighbours
-from polypsam.data.neighbours import main as neighbours_main
-from polypsam.data.prepare import prepare
-from polypsam.data.specks import box_growth, speck_report
-from polypsam.data.specks import main as specks_main
 from polypsam.errors import DataError
 
 HW = (48, 64)
@@ -77,7 +77,8 @@ def test_speck_report_names_the_stretched_masks(tree):
 
 def test_data_report_and_prepare_report_carry_specks(tree, tmp_path, capsys):
     run = tmp_path / "run"
-    PolypDataModule(root=str(tree), image_size=64, output_dir=str(run), val_fraction=0.2).setup("fit")
+    PolypDataModule(root=str(tree), image_size=64, output_dir=str(run), val_fraction=0.2,
+                    speck_report=speck_report).setup("fit")
     rep = json.loads((run / "data_report.json").read_text())
     split = json.loads((run / "split.json").read_text())
     for part in ("train", "val"):

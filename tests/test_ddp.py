@@ -17,7 +17,7 @@ from omegaconf import OmegaConf, open_dict
 
 from polypsam.config import CONF_DIR
 from polypsam.errors import ConfigError
-from polypsam.launch import check_unused_parameters, run_maybe_distributed, world_plan
+from polypsam.training.launch import check_unused_parameters, run_maybe_distributed, world_plan
 
 pytestmark = pytest.mark.slow  # real data or several processes
 

@@ -144,7 +144,7 @@ def test_zero_shot_lite_is_weak_on_the_demo_set(tmp_path):
     import torch
 
     from polypsam.data.io import read_image, read_mask
-    from polypsam.data.transforms import box_from_mask, boxes_to_input, resize_image, resize_mask
+    from polypsam.geometry import box_from_mask, boxes_to_input, resize_image, resize_mask
     from polypsam.models import build_model
 
     root = generate_demo_dataset(tmp_path / "demo", n_train=8, n_test=1)

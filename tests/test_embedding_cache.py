@@ -28,8 +28,8 @@ from polypsam.errors import ConfigError, DataError
 from polypsam.evaluation import EvalSettings, evaluate_model
 from polypsam.models import build_model
 from polypsam.models.freeze import STRATEGIES, freeze_strategy
-from polypsam.module import PolypSAMModule
 from polypsam.prompts.box import BoxPrompt
+from polypsam.training.module import PolypSAMModule
 from test_evaluate import make_root
 
 

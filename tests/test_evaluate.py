@@ -18,15 +18,15 @@ import pytest
 import torch
 from PIL import Image
 
-from polypsam import reporting as rep
 from polypsam.compare import main as compare_main
 from polypsam.config import CONF_DIR
-from polypsam.data.transforms import resize_image, resize_mask, to_original
 from polypsam.errors import CheckpointError, ConfigError, DataError
 from polypsam.evaluation import FAILURE_SCORES, METRICS, EvalResult, EvalSettings, evaluate, evaluate_model
 from polypsam.evaluation.report import our_table2_rows, summary_markdown
+from polypsam.geometry import resize_image, resize_mask, to_original
 from polypsam.metrics import dice_iou, score_image
 from polypsam.models import build_model
+from polypsam.reporting import tables as rep
 
 REPO = Path(__file__).resolve().parents[1]
 

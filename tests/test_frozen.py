@@ -29,8 +29,8 @@ from polypsam.inference.predictor import preprocess
 from polypsam.models import build_model
 from polypsam.models.freeze import freeze_strategy
 from polypsam.models.frozen import module_state
-from polypsam.module import PolypSAMModule
 from polypsam.train import train
+from polypsam.training.module import PolypSAMModule
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -142,7 +142,7 @@ def test_resuming_mid_epoch_keeps_the_modes(tmp_path):
     """
     common = ["strategy=dec", "callbacks.last_checkpoint.every_n_train_steps=1"]
     with pytest.raises(torch.OutOfMemoryError):
-        train(_cfg(tmp_path, "run", *common, "+callbacks.fault._target_=polypsam.callbacks.InjectFault",
+        train(_cfg(tmp_path, "run", *common, "+callbacks.fault._target_=polypsam.training.callbacks.InjectFault",
                    "+callbacks.fault.kind=oom", "+callbacks.fault.at_batch=3"))
     last = tmp_path / "run" / "checkpoints" / "last.ckpt"
     ckpt = torch.load(last, map_location="cpu", weights_only=False)
@@ -171,7 +171,7 @@ def test_a_write_to_a_frozen_part_stops_the_run_naming_it(tmp_path, cache, messa
     with pytest.raises(FrozenStateChanged, match=message):
         _fit(tmp_path, "bad", "strategy=dec", f"data.embedding_cache.enabled={cache}",
              "callbacks.last_checkpoint.every_n_train_steps=1", "validate_before_training=false",
-             "+callbacks.fault._target_=polypsam.callbacks.InjectFault", "+callbacks.fault.kind=frozen_write",
+             "+callbacks.fault._target_=polypsam.training.callbacks.InjectFault", "+callbacks.fault.kind=frozen_write",
              "+callbacks.fault.at_batch=1")
     assert not (tmp_path / "bad" / "checkpoints" / "last.ckpt").exists()
 

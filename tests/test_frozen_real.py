@@ -19,9 +19,9 @@ from polypsam.errors import FrozenStateChanged
 from polypsam.inference.predictor import Predictor, preprocess
 from polypsam.models import build_model
 from polypsam.models.freeze import STRATEGIES, freeze_strategy
-from polypsam.module import PolypSAMModule
 from polypsam.prompts.box import BoxPrompt
 from polypsam.train import train
+from polypsam.training.module import PolypSAMModule
 
 pytestmark = pytest.mark.slow  # real data and the real encoder
 

@@ -13,7 +13,6 @@ from hydra import compose, initialize_config_dir
 from segment_anything import sam_model_registry
 from segment_anything.modeling import Sam
 
-from polypsam.checkpoints import load_model
 from polypsam.config import CONF_DIR, embedding_cache_from_cfg
 from polypsam.data.io import read_image
 from polypsam.errors import CheckpointError, ConfigError
@@ -22,8 +21,9 @@ from polypsam.inference.predictor import preprocess
 from polypsam.models import build_model
 from polypsam.models.identity import base_weights_sha256
 from polypsam.models.lora import has_lora
-from polypsam.module import PolypSAMModule
 from polypsam.train import train
+from polypsam.training.checkpoints import load_model
+from polypsam.training.module import PolypSAMModule
 from test_resume import TOL, _max_diff
 
 # 8 demo images, batch 2, accumulation 2: 4 batches = 2 optimiser steps per epoch; 2 epochs
@@ -81,7 +81,7 @@ def test_run_prints_counts_and_checkpoints_only_what_trains(lora_run):
 def test_resume_mid_run_gives_the_uninterrupted_adapter_state(lora_run):
     tmp, reference, _ = lora_run
     out = tmp / "crashed"
-    fault = ["+callbacks.fault._target_=polypsam.callbacks.InjectFault", "+callbacks.fault.kind=oom",
+    fault = ["+callbacks.fault._target_=polypsam.training.callbacks.InjectFault", "+callbacks.fault.kind=oom",
              "+callbacks.fault.at_batch=7"]  # epoch 1, batch 3: after the step-3 checkpoint
     with pytest.raises(torch.OutOfMemoryError):
         train(_cfg(tmp, out, *fault))

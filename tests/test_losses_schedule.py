@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from polypsam.errors import ConfigError
-from polypsam.losses import SegmentationLoss, soft_dice_loss
-from polypsam.module import valid_region, warmup_cosine
+from polypsam.training.losses import SegmentationLoss, soft_dice_loss
+from polypsam.training.module import valid_region, warmup_cosine
 
 
 def _pair():

@@ -12,10 +12,10 @@ from polypsam.inference import Predictor
 from polypsam.metrics import dice_iou
 from polypsam.models import build_model
 from polypsam.models.freeze import STRATEGIES, freeze_strategy
-from polypsam.module import PolypSAMModule
 from polypsam.prompts import seeded_rng
 from polypsam.prompts.box import BoxPrompt
 from polypsam.prompts.point import PointPrompt
+from polypsam.training.module import PolypSAMModule
 
 
 def _data(root, prompt, size):

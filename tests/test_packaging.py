@@ -34,3 +34,24 @@ def test_wheel_carries_the_configs_and_runs_from_elsewhere(tmp_path):
     proc = subprocess.run([sys.executable, "-c", "import polypsam; print(polypsam.__file__)"], cwd=elsewhere,
                           env=env, capture_output=True, text=True, check=True)
     assert proc.stdout.startswith(str(site))  # the installed copy, not the checkout
+
+
+def test_console_scripts_point_at_importable_mains():
+    import importlib
+    import re
+
+    text = (REPO / "pyproject.toml").read_text()  # no tomllib: Python 3.10 is supported
+    block = text.split("[project.scripts]", 1)[1].split("\n\n", 1)[0]
+    scripts = dict(re.findall(r'^([\w-]+) = "([\w.:]+)"$', block, re.M))
+    assert "polypsam-prepare" in scripts
+    for name, target in scripts.items():
+        module, _, func = target.partition(":")
+        assert callable(getattr(importlib.import_module(module), func, None)), f"{name} = {target}"
+
+
+def test_old_prepare_command_names_its_new_home():
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    proc = subprocess.run([sys.executable, "-m", "polypsam.data.prepare", "--help"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "python -m polypsam.curation.prepare" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1

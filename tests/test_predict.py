@@ -14,15 +14,15 @@ import torch
 from hydra import compose, initialize_config_dir
 from PIL import Image
 
-from polypsam.checkpoints import load_model
 from polypsam.config import CONF_DIR
 from polypsam.data.io import read_image, read_mask
-from polypsam.data.transforms import box_from_mask, boxes_to_input, resize_image, to_original
 from polypsam.errors import ConfigError, DataError
+from polypsam.geometry import box_from_mask, boxes_to_input, resize_image, to_original
 from polypsam.metrics import dice_iou
 from polypsam.predict import load_boxes_csv, plan_jobs, predict
 from polypsam.prompts.box import BoxPrompt
 from polypsam.prompts.point import PointPrompt
+from polypsam.training.checkpoints import load_model
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -1,4 +1,4 @@
-"""polypsam.data.prepare on small archives in each official layout, built from real images."""
+"""polypsam.curation.prepare on small archives in each official layout, built from real images."""
 
 import contextlib
 import csv
@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from polypsam.curation.prepare import main
 from polypsam.data.files import find_pairs
 from polypsam.data.kvasir_boxes import load_kvasir_boxes
-from polypsam.data.prepare import main
 from polypsam.errors import DataError
 
 N = 3

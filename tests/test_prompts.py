@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from polypsam.data.transforms import Resize, box_from_mask
 from polypsam.errors import ConfigError
+from polypsam.geometry import Resize, box_from_mask
 from polypsam.models import build_model
 from polypsam.models.freeze import freeze_strategy
 from polypsam.prompts import PromptSet, available_prompts, build_prompt, collate_prompts, seeded_rng

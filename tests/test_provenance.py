@@ -16,7 +16,7 @@ from polypsam.data.demo import generate_demo_dataset
 from polypsam.data.splits import split_digest, write_split
 from polypsam.evaluation import EvalSettings, evaluate_model
 from polypsam.models import build_model
-from polypsam.provenance import PROVENANCE_NAME, git_state, read, record
+from polypsam.reporting.provenance import PROVENANCE_NAME, git_state, read, record
 
 
 def _git(cwd: Path, *args: str) -> str:

@@ -22,9 +22,9 @@ from polypsam.cli import describe_failure, oom_message
 from polypsam.config import CONF_DIR
 from polypsam.data.sampler import EpochShuffleSampler
 from polypsam.errors import CheckpointError, ConfigError, PolypSamError, TrainingDiverged
-from polypsam.resume import resume_argv
-from polypsam.run_metrics import read_metrics
 from polypsam.train import train
+from polypsam.training.resume import resume_argv
+from polypsam.training.run_metrics import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 TOL = 1e-6
@@ -109,7 +109,7 @@ def _assert_same_end(run: Path, reference: Path) -> None:
 def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(work, baseline):
     tmp, common = work
     run = tmp / "killed"
-    fault = ["+callbacks.fault._target_=polypsam.callbacks.InjectFault", "+callbacks.fault.kind=sigkill",
+    fault = ["+callbacks.fault._target_=polypsam.training.callbacks.InjectFault", "+callbacks.fault.kind=sigkill",
              "+callbacks.fault.at_batch=17"]  # epoch 2, batch 5 of 6: after the step-8 checkpoint
     proc = cli(*common, f"hydra.run.dir={run}", *fault, check=False)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
@@ -136,7 +136,7 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(work, baseline):
 def test_sigterm_saves_last_then_ckpt_path_last_resumes(work, baseline):
     tmp, common = work
     marker = tmp / "paused"
-    fault = ["+callbacks.fault._target_=polypsam.callbacks.InjectFault", "+callbacks.fault.kind=pause",
+    fault = ["+callbacks.fault._target_=polypsam.training.callbacks.InjectFault", "+callbacks.fault.kind=pause",
              "+callbacks.fault.at_batch=9", f"+callbacks.fault.marker={marker}"]
     args = [*common, "paths.log_dir=" + str(tmp / "logs"), *fault]  # Hydra picks a new run directory
     proc = subprocess.Popen([sys.executable, "-m", "polypsam.train", *args], cwd=REPO, env=_env(),
@@ -190,7 +190,7 @@ def test_non_finite_weights_are_never_checkpointed(work):
     tmp, common = work
     out = tmp / "nan_grad"
     cfg = _compose(common, out, "callbacks.last_checkpoint.every_n_train_steps=1",
-                   "+callbacks.fault._target_=polypsam.callbacks.InjectFault", "+callbacks.fault.kind=nan_grad",
+                   "+callbacks.fault._target_=polypsam.training.callbacks.InjectFault", "+callbacks.fault.kind=nan_grad",
                    "+callbacks.fault.at_batch=4")  # the 2nd optimiser step makes every weight NaN
     with pytest.raises(TrainingDiverged, match=r"non-finite values in .* after global step 2 .*was not written"):
         train(cfg)
@@ -202,7 +202,7 @@ def test_non_finite_weights_are_never_checkpointed(work):
 
 def test_out_of_memory_names_the_knobs(work):
     tmp, common = work
-    cfg = _compose(common, tmp / "oom", "+callbacks.fault._target_=polypsam.callbacks.InjectFault",
+    cfg = _compose(common, tmp / "oom", "+callbacks.fault._target_=polypsam.training.callbacks.InjectFault",
                    "+callbacks.fault.kind=oom", "+callbacks.fault.at_batch=3")
     with pytest.raises(torch.OutOfMemoryError) as info:
         train(cfg)

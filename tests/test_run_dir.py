@@ -22,10 +22,10 @@ from omegaconf import OmegaConf, open_dict
 
 from polypsam.config import CONF_DIR
 from polypsam.errors import RunDirInUse
-from polypsam.launch import run_maybe_distributed
 from polypsam.run_dir import claim_run_dir
-from polypsam.run_metrics import read_metrics
 from polypsam.train import train
+from polypsam.training.launch import run_maybe_distributed
+from polypsam.training.run_metrics import read_metrics
 from test_bad_input import assert_one_error, run_cli
 
 REPO = Path(__file__).resolve().parents[1]

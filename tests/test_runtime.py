@@ -22,7 +22,6 @@ from polypsam.evaluation import EvalSettings
 from polypsam.evaluation.runner import run_evaluation
 from polypsam.inference import preprocess
 from polypsam.models import build_model
-from polypsam.module import PolypSAMModule
 from polypsam.runtime import (
     RUNTIMES,
     GraphEncoder,
@@ -33,6 +32,7 @@ from polypsam.runtime import (
 )
 from polypsam.runtime.registry import TOLERANCE, resolve_runtime
 from polypsam.runtime.store import EncoderStore
+from polypsam.training.module import PolypSAMModule
 from test_train import run_train
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")

@@ -8,9 +8,9 @@ import pandas as pd
 import pytest
 from scipy.stats import wilcoxon
 
-from polypsam.study import paired_comparison, seed_spread
-from polypsam.study.figures import robustness_all, validation_curves
-from polypsam.study.report import paired_markdown
+from polypsam.reporting.study import paired_comparison, seed_spread
+from polypsam.reporting.study.figures import robustness_all, validation_curves
+from polypsam.reporting.study.report import paired_markdown
 
 
 def _per_image(dice, sets=("Kvasir",), start=0):
@@ -139,8 +139,8 @@ def test_the_whole_study_from_an_empty_runs_folder_in_fast_mode(small_root, tmp_
 
 
 def test_subset_means_split_each_set_by_the_named_images():
-    from polypsam.study import subset_means
-    from polypsam.study.report import subset_markdown
+    from polypsam.reporting.study import subset_means
+    from polypsam.reporting.study.report import subset_markdown
 
     per_image = pd.concat([_per_image([0.2, 0.4, 0.9, 0.9]), _per_image([0.8, 0.6], sets=("CVC-ClinicDB",))])
     t = subset_means(per_image, {"Kvasir": {"i0", "i1"}, "Elsewhere": {"i0"}})
@@ -153,7 +153,7 @@ def test_subset_means_split_each_set_by_the_named_images():
 
 
 def test_seed_mean_averages_each_image_over_the_seeds():
-    from polypsam.study import seed_mean
+    from polypsam.reporting.study import seed_mean
 
     m = seed_mean([_per_image([0.9, 0.5, 0.7]), _per_image([0.7, 0.7]), _per_image([0.8, 0.6, 0.1])])
     assert list(m["image"]) == ["i0", "i1"]  # i2: not in every seed's evaluation

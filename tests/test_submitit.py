@@ -16,7 +16,7 @@ from omegaconf import OmegaConf, open_dict
 
 from polypsam.config import CONF_DIR
 from polypsam.errors import ConfigError
-from polypsam.launch import run_maybe_distributed
+from polypsam.training.launch import run_maybe_distributed
 
 pytestmark = pytest.mark.slow  # real data or several processes
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 from segment_anything.utils.transforms import ResizeLongestSide
 
-from polypsam.data.transforms import (
+from polypsam.geometry import (
     box_from_mask,
     boxes_per_component,
     boxes_to_input,

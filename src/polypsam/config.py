@@ -9,6 +9,7 @@ from pathlib import Path
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from polypsam.curation.specks import speck_report
 from polypsam.data.demo import generate_demo_dataset
 from polypsam.data.embedding_cache import EmbeddingCache
 from polypsam.data.image_cache import ImageCache
@@ -133,4 +134,5 @@ def datamodule_from_cfg(cfg: DictConfig, image_size: int, embedding_cache: Embed
     if cfg.data.get("num_workers") != d["num_workers"]:
         cfg.data.num_workers = d["num_workers"]  # what evaluation after training reads
     return instantiate(d, image_size=image_size, embedding_cache=embedding_cache, resize_method=resize_method,
-                       image_cache=image_cache, prompt=prompt_config(prompt_from_cfg(cfg)), _convert_="all")
+                       image_cache=image_cache, prompt=prompt_config(prompt_from_cfg(cfg)), speck_report=speck_report,
+                       _convert_="all")

@@ -48,9 +48,9 @@ def export_weights(run: str | Path, out: str | Path | None = None, merged: bool 
     """Write a checkpoint's network in its model's own format; returns the file and how to load it."""
     import torch
 
-    from polypsam.checkpoints import load_model
     from polypsam.models.lora import has_lora
     from polypsam.models.registry import takes_prompts
+    from polypsam.training.checkpoints import load_model
 
     ckpt = checkpoint_of(run)
     net, meta = load_model(ckpt)

@@ -22,7 +22,6 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from polypsam.checkpoints import load_model
 from polypsam.cli import one_line, run_cli
 from polypsam.config import CONF_DIR, model_from_cfg, prompt_from_cfg
 from polypsam.errors import ConfigError, DataError
@@ -32,6 +31,7 @@ from polypsam.models.sam import PromptableSAM
 from polypsam.prediction import load_boxes_csv, plan_jobs, run_prediction
 from polypsam.prompts import auto_settings
 from polypsam.runtime import RuntimeSettings
+from polypsam.training.checkpoints import load_model
 
 __all__ = ["load_boxes_csv", "load_network", "plan_jobs", "predict", "run_prediction"]
 

@@ -8,7 +8,7 @@ process stops with one line naming the holder. The OS drops the lock when the ho
 ends, so a killed run can be resumed at once.
 
 Who holds it: :class:`ClaimRunDir` (a Hydra callback) from before Hydra writes ``.hydra/`` into the folder;
-``train`` on global rank 0; the process that spawns DDP ranks (``polypsam.launch``). A claim nested in the
+``train`` on global rank 0; the process that spawns DDP ranks (``polypsam.training.launch``). A claim nested in the
 same process is the outer one's, and a spawned rank takes its parent's claim as its own. Forked children
 (DataLoader workers) close their copy of the lock, so it never outlives the process that took it.
 """

@@ -24,8 +24,6 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from rich.console import Console
 from rich.table import Table
 
-from polypsam.callbacks import EpochTimer
-from polypsam.checkpoints import resolve_ckpt_path, with_atomic_checkpoints
 from polypsam.cli import run_cli
 from polypsam.config import (
     CONF_DIR,
@@ -39,14 +37,16 @@ from polypsam.config import (
 from polypsam.data.files import find_test_sets
 from polypsam.devices import device_count, resolve_precision
 from polypsam.evaluation import check_test_data, evaluate_after_training
-from polypsam.launch import run_maybe_distributed
 from polypsam.models.freeze import freeze_strategy, parameter_counts
 from polypsam.models.registry import takes_prompts
-from polypsam.module import PolypSAMModule
-from polypsam.provenance import record as record_provenance
-from polypsam.resume import resume_argv
+from polypsam.reporting.provenance import record as record_provenance
 from polypsam.run_dir import claim_run_dir
-from polypsam.run_metrics import keep_earlier_metrics
+from polypsam.training.callbacks import EpochTimer
+from polypsam.training.checkpoints import resolve_ckpt_path, with_atomic_checkpoints
+from polypsam.training.launch import run_maybe_distributed
+from polypsam.training.module import PolypSAMModule
+from polypsam.training.resume import resume_argv
+from polypsam.training.run_metrics import keep_earlier_metrics
 
 log = logging.getLogger("polypsam.train")
 
@@ -199,7 +199,7 @@ def _hydra_main(cfg: DictConfig) -> float | None:
 
 def main() -> float | None:
     """``resume=<run dir>`` / ``ckpt_path=last`` are turned into the run's own config and folder before Hydra
-    starts (Hydra would otherwise open a new run directory); see ``polypsam.resume.resume_argv``."""
+    starts (Hydra would otherwise open a new run directory); see ``polypsam.training.resume.resume_argv``."""
     sys.argv = run_cli(resume_argv, sys.argv)
     return _hydra_main()
 

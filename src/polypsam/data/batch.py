@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from polypsam.data.transforms import Resize
+from polypsam.geometry import Resize
 from polypsam.prompts import PromptBatch, PromptSet, collate_prompts
 
 

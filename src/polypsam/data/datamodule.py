@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,6 @@ from polypsam.data.embedding_cache import EmbeddingCache, file_digest
 from polypsam.data.files import find_pairs, find_test_sets
 from polypsam.data.image_cache import ImageCache
 from polypsam.data.sampler import EpochShuffleSampler
-from polypsam.data.specks import speck_report
 from polypsam.data.splits import make_split, read_split, write_split
 from polypsam.devices import processes_per_node, resolve_num_workers
 from polypsam.errors import ConfigError, DataError
@@ -53,7 +52,8 @@ class PolypDataModule(L.LightningDataModule):
                  augment: list | None = None, limit_train: int | None = None, limit_val: int | None = None,
                  limit_test: int | None = None, embedding_cache: EmbeddingCache | None = None,
                  pin_memory: bool = False, resize_method: str = "pil_bilinear",
-                 image_cache: ImageCache | None = None, check_cache: str | None = None):
+                 image_cache: ImageCache | None = None, check_cache: str | None = None,
+                 speck_report: Callable[[list[Path], Path], dict] | None = None):
         super().__init__()
         self.root = Path(root).expanduser()
         self.train_dirs = list(train_dirs)
@@ -69,6 +69,9 @@ class PolypDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         # every train/val image is decoded before fit; what passed is remembered here (None: not remembered)
         self.check_cache = check_cache
+        # masks whose literal tight box a speck stretches, in data_report.json: polypsam.curation.specks's
+        # report, handed in by the composition root (polypsam.config); None leaves it out
+        self.speck_report = speck_report
         self._verified: dict[str, PairCheck] = {}
         # training draws prompt noise; validation and test prompt the same type without it (PolypDataset)
         self.prompt = prompt if isinstance(prompt, PromptType) else build_prompt(prompt)
@@ -121,8 +124,8 @@ class PolypDataModule(L.LightningDataModule):
             recs, skipped = self._checked([by_rel[p] for p in chosen])
             self.report[part] = {"images": len(chosen), "used": len(recs), "skipped_empty_mask": skipped,
                                  "masks_thresholded": dict(self._thresholded)}
-            if self.output_dir is not None:  # masks whose literal tight box a speck stretches (data/specks.py)
-                self.report[part]["specks"] = speck_report([r.mask for r in recs], self.root)
+            if self.output_dir is not None and self.speck_report is not None:
+                self.report[part]["specks"] = self.speck_report([r.mask for r in recs], self.root)
             if skipped:
                 log.warning("%d %s images have an empty mask and give no prompt: skipped (listed in "
                             "data_report.json)", len(skipped), part)

@@ -14,7 +14,7 @@ from torch.utils.data import Dataset
 from polypsam.data.embedding_cache import EmbeddingCache, file_digest
 from polypsam.data.image_cache import ImageCache
 from polypsam.data.io import read_image, read_mask, size_mismatch
-from polypsam.data.transforms import Resize, resize_image, resize_mask, resized_hw
+from polypsam.geometry import Resize, resize_image, resize_mask, resized_hw
 from polypsam.prompts import PromptType, seeded_rng
 
 log = logging.getLogger(__name__)

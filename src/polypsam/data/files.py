@@ -45,7 +45,7 @@ def find_pairs(images_dir: str | Path, masks_dir: str | Path) -> list[ImageMaskP
         if not d.is_dir():
             raise DataError(f"{d}: the {what} folder does not exist. Expected PraNet's layout "
                             "<root>/TrainDataset/{images,masks} and <root>/TestDataset/<name>/{images,masks}; "
-                            "set data.root to such a folder (python -m polypsam.data.prepare builds one).")
+                            "set data.root to such a folder (python -m polypsam.curation.prepare builds one).")
     images, masks = _by_stem(images_dir), _by_stem(masks_dir)
     if not images:
         raise DataError(f"{images_dir}: no images found (looked for {', '.join(IMAGE_EXTENSIONS)}).")

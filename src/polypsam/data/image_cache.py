@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from polypsam.data.io import atomic_write
-from polypsam.data.transforms import RESIZE_METHODS
+from polypsam.geometry import RESIZE_METHODS
 
 # Bump when read_image or resize_image change the pixels they produce: old entries then go unused.
 CACHE_VERSION = "read_image-rgb-uint8;resize_image-longest-side-pad-bottom-right;v1"

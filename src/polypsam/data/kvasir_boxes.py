@@ -1,5 +1,5 @@
 """Kvasir-SEG's bounding boxes: its published ``kavsir_bboxes.json``, or the ``boxes.json`` that
-``python -m polypsam.data.prepare`` writes next to Sources/Kvasir-SEG; both read as
+``python -m polypsam.curation.prepare`` writes next to Sources/Kvasir-SEG; both read as
 stem -> [[x0, y0, x1, y1], ...] in original-image pixels."""
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def load_kvasir_boxes(path: str | Path) -> dict[str, list[list[float]]]:
     try:
         obj = json.loads(path.read_text())
     except FileNotFoundError:
-        raise DataError(f"{path}: no such file; run python -m polypsam.data.prepare on the Kvasir-SEG zip") from None
+        raise DataError(f"{path}: no such file; run python -m polypsam.curation.prepare on the Kvasir-SEG zip") from None
     except (OSError, ValueError) as e:
-        raise DataError(f"{path}: not readable JSON ({e}); rerun python -m polypsam.data.prepare") from None
+        raise DataError(f"{path}: not readable JSON ({e}); rerun python -m polypsam.curation.prepare") from None
     return parse_kvasir_boxes(obj, str(path))[0]

@@ -2,7 +2,8 @@
 final evaluation. ``runner`` predicts and scores, ``report`` writes the tables and figures, ``tasks``
 turns a config or a checkpoint into an evaluation."""
 
-from polypsam.evaluation.runner import EvalResult, collect_records, label, run_evaluation
+from polypsam.evaluation.records import collect_records
+from polypsam.evaluation.runner import EvalResult, label, run_evaluation
 from polypsam.evaluation.settings import (
            FAILURE_SCORES,
            METRICS,

@@ -6,11 +6,11 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from polypsam import reporting as rep
 from polypsam.data.io import read_image, read_mask
 from polypsam.evaluation.runner import EvalResult
 from polypsam.evaluation.settings import METRICS, UNREADABLE_CONVENTION, EvalSettings
 from polypsam.metrics import EMPTY_GT_CONVENTION
+from polypsam.reporting import tables as rep
 
 
 def our_table2_rows(summary: pd.DataFrame, label: str, compat_row_dice: bool = False

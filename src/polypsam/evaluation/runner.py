@@ -20,17 +20,15 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from polypsam import __version__
-from polypsam.data.datamodule import PolypDataModule
 from polypsam.data.dataset import Record
-from polypsam.data.demo import generate_demo_dataset
 from polypsam.data.embedding_cache import EmbeddingCache, file_digest
-from polypsam.data.io import image_size as header_size
-from polypsam.data.io import require_foreground, size_mismatch
 from polypsam.devices import resolve_device
 from polypsam.errors import DataError
-from polypsam.evaluation.settings import FAILURE_SCORES, METRICS, EvalSettings
+from polypsam.evaluation.records import checked_test_records
+from polypsam.evaluation.settings import FAILURE_SCORES, EvalSettings
+from polypsam.evaluation.summaries import detection_summary, set_summaries
 from polypsam.inference import AutoPredictor, ImageItems, Prediction, Predictor, as_list
-from polypsam.metrics import dice_iou, score_image, summarize
+from polypsam.metrics import dice_iou, score_image
 from polypsam.models.registry import takes_prompts
 from polypsam.models.sam import PromptableSAM
 from polypsam.prompts import PromptSet, PromptType, prompt_config, seeded_rng
@@ -59,50 +57,6 @@ class EvalResult:
             out[f"test/{r['dataset']}/dice"] = float(r["dice"])
             out[f"test/{r['dataset']}/iou"] = float(r["iou"])
         return out
-
-
-def collect_records(root: str | Path, test_sets, limit_test, split_seed: int, generate_demo: bool = False
-                    ) -> dict[str, list[Record]]:
-    """Every TestDataset folder (paper order first), a seeded subset with ``limit_test``: the same records
-    that a training run's data module lists."""
-    if generate_demo:
-        generate_demo_dataset(root)
-    dm = PolypDataModule(root=str(root), test_sets=list(test_sets) if test_sets else None,
-                         limit_test=limit_test, split_seed=split_seed, num_workers=0)
-    dm.setup("test")
-    if not dm.test_sets:
-        raise DataError(f"{Path(root) / 'TestDataset'}: no test sets found; expected "
-                        "TestDataset/<name>/{images,masks} under data.root (python -m polypsam.data.prepare "
-                        "builds this layout).")
-    return {name: ds.records for name, ds in dm.test_sets.items()}
-
-
-def checked_test_records(root: str | Path, test_sets=None, limit_test: int | None = None, split_seed: int = 42,
-                         generate_demo: bool = False) -> tuple[dict[str, list[Record]], dict[str, str]]:
-    """The test records (:func:`collect_records`) and the images known unreadable, once the checks that need
-    no model passed: mask sizes, and a set whose masks are all empty (``require_foreground``, about one
-    decode per set). Run before any number is computed, and by training before it fits."""
-    record_sets = collect_records(root, test_sets, limit_test, split_seed, generate_demo)
-    unreadable: dict[str, str] = {}
-    for name, recs in record_sets.items():
-        unreadable.update(check_sizes(recs))
-        require_foreground(f"test set {name}", [r.mask for r in recs])
-    return record_sets, unreadable
-
-
-def check_sizes(records: list[Record]) -> dict[str, str]:
-    """Header check before any model work: a mask of another size is an error, an unreadable image noted."""
-    unreadable = {}
-    for r in records:
-        mh = header_size(r.mask)  # an unreadable mask is an error: without ground truth nothing is scored
-        try:
-            ih = header_size(r.image)
-        except DataError as exc:
-            unreadable[str(r.image)] = str(exc)
-            continue
-        if ih != mh:
-            raise size_mismatch(r.mask, mh, r.image, ih)
-    return unreadable
 
 
 def format_prompts(p: PromptSet) -> str:
@@ -215,38 +169,6 @@ def _evaluate_batch(predictor: Predictor, auto: AutoPredictor | None, ok: list[d
     return rows, extra
 
 
-def detection_summary(per_image: pd.DataFrame, set_names) -> pd.DataFrame:
-    """Per set, what ``prompt=auto`` proposed: misses, proposals touching no polyp, correct rejections."""
-    out = []
-    for set_name in set_names:
-        sub = per_image[(per_image["dataset"] == set_name) & (per_image["status"] == "ok")]
-        pos, n = sub["has_polyp"].astype(bool), sub["n_prompts"]
-        out.append({"dataset": set_name, "frames": len(sub), "with_polyp": int(pos.sum()),
-                    "proposals": int(n.sum()), "missed": int((pos & (n == 0)).sum()),
-                    "false_proposals": int(sub["false_proposals"].sum()),
-                    "correct_rejections": int((~pos & (n == 0)).sum()),
-                    "false_alarms": int((~pos & (n > 0)).sum())})
-    return pd.DataFrame(out)
-
-
-def _summaries(per_image: pd.DataFrame, set_names, noise_levels: list[float], seed: int
-               ) -> tuple[pd.DataFrame, pd.DataFrame | None]:
-    summary_rows, robust_rows = [], []
-    for set_name in set_names:
-        sub = per_image[per_image["dataset"] == set_name]
-        stats = summarize(sub[list(METRICS)].to_dict("records"), keys=METRICS, seed=seed)
-        bad = sub[sub["status"] == "unreadable"]["image"].tolist()
-        summary_rows.append({"dataset": set_name, "n_images": int(stats.pop("n_images")),
-                             "n_unreadable": len(bad), **stats, "unreadable": ";".join(bad)})
-        for n in noise_levels:
-            col = sub[f"dice_noise_{n:g}"].to_numpy(float)
-            r = summarize([{"dice": v} for v in col], keys=["dice"], seed=seed)
-            robust_rows.append({"dataset": set_name, "noise": n, "dice": r["dice"],
-                                "dice_ci_low": r["dice_ci_low"], "dice_ci_high": r["dice_ci_high"],
-                                "n_images": int(r["n_images"])})
-    return pd.DataFrame(summary_rows), (pd.DataFrame(robust_rows) if robust_rows else None)
-
-
 def label(identity: dict) -> str:
     if identity.get("strategy") in (None, "zero-shot"):
         return f"{identity['model']} zero-shot"
@@ -316,9 +238,9 @@ def run_evaluation(net: PromptableSAM, root: str | Path, out_dir: str | Path, se
                   flush=True)
 
     per_image = pd.DataFrame(rows)
-    summary, robustness = _summaries(per_image, record_sets, noise_levels, settings.bootstrap_seed)
+    summary, robustness = set_summaries(per_image, record_sets, noise_levels, settings.bootstrap_seed)
     companions = {name: pd.DataFrame(r) for name, r in extra.items()}
-    companion_summaries = {name: _summaries(df, record_sets, [], settings.bootstrap_seed)[0]
+    companion_summaries = {name: set_summaries(df, record_sets, [], settings.bootstrap_seed)[0]
                            for name, df in companions.items()}
     identity = {"model": net.spec.name, "strategy": "zero-shot", "split": "none", "checkpoint": None,
                 **(identity or {})}

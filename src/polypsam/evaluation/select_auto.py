@@ -21,18 +21,19 @@ import pandas as pd
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
-from polypsam.checkpoints import load_model
 from polypsam.data.datamodule import folder_records
 from polypsam.data.dataset import Record
 from polypsam.data.splits import make_split, membership_digest, read_split
 from polypsam.errors import ConfigError, DataError
-from polypsam.evaluation.runner import batch_embeddings, detection_row, detection_summary, inference_parts
+from polypsam.evaluation.runner import batch_embeddings, detection_row, inference_parts
 from polypsam.evaluation.settings import settings_from_cfg
+from polypsam.evaluation.summaries import detection_summary
 from polypsam.inference import ImageItems, as_list
 from polypsam.metrics import dice_iou
 from polypsam.prompts import auto_settings
 from polypsam.prompts.auto import AutoPrompt
 from polypsam.runtime import RuntimeSettings
+from polypsam.training.checkpoints import load_model
 
 log = logging.getLogger("polypsam.select_auto")
 

@@ -11,20 +11,21 @@ from lightning.pytorch.loggers import WandbLogger
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from polypsam.checkpoints import load_model
 from polypsam.config import model_from_cfg, prompt_from_cfg
 from polypsam.download import sha256_file
 from polypsam.errors import ConfigError
+from polypsam.evaluation.records import checked_test_records
 from polypsam.evaluation.report import console_summary, log_wandb, write_outputs
-from polypsam.evaluation.runner import EvalResult, checked_test_records, run_evaluation
+from polypsam.evaluation.runner import EvalResult, run_evaluation
 from polypsam.evaluation.settings import EvalSettings, settings_from_cfg
 from polypsam.models import available_models
 from polypsam.models.registry import takes_prompts
 from polypsam.models.sam import PromptableSAM
 from polypsam.prompts import PromptType, auto_settings, build_prompt
 from polypsam.prompts.none import NonePrompt
-from polypsam.provenance import record as record_provenance
+from polypsam.reporting.provenance import record as record_provenance
 from polypsam.runtime import RuntimeSettings
+from polypsam.training.checkpoints import load_model
 
 log = logging.getLogger("polypsam.evaluate")
 

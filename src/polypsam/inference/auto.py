@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from polypsam.data.transforms import Resize, box_from_mask
 from polypsam.errors import ConfigError
+from polypsam.geometry import Resize, box_from_mask
 from polypsam.inference.predictor import Prediction, Predictor
 from polypsam.metrics import dice_iou
 from polypsam.models.sam import PromptableSAM

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from polypsam.data.transforms import Resize, resize_image, to_original
 from polypsam.devices import autocast, resolve_device
+from polypsam.geometry import Resize, resize_image, to_original
 from polypsam.models.sam import ModelSpec, PromptableSAM
 from polypsam.prompts import PromptSet, collate_prompts
 from polypsam.runtime import FrozenEncoder, TorchEncoder

@@ -30,7 +30,7 @@ class ModelSpec:
     embedding_size: int  # side of the image-embedding grid
     embedding_dim: int  # channels of the image embedding
     description: str = ""
-    resize_method: str = "pil_bilinear"  # see polypsam.data.transforms.resize_image
+    resize_method: str = "pil_bilinear"  # see polypsam.geometry.resize_image
 
     @property
     def low_res_size(self) -> int:

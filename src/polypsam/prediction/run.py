@@ -14,13 +14,13 @@ from torch.utils.data import DataLoader
 from polypsam.cli import one_line
 from polypsam.data.io import read_mask_report
 from polypsam.devices import resolve_device
-from polypsam.drawing import overlay
 from polypsam.errors import ConfigError
 from polypsam.inference import AutoPredictor, ImageItems, Prediction, Predictor, as_list
 from polypsam.models.sam import PromptableSAM
 from polypsam.prediction.plan import Job, Plan
 from polypsam.progress import count_bar
 from polypsam.prompts import PromptType
+from polypsam.reporting.drawing import overlay
 from polypsam.runtime import RuntimeSettings, build_frozen_encoder, describe
 
 

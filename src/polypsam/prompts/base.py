@@ -20,8 +20,8 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from polypsam.data.transforms import Resize
 from polypsam.errors import ConfigError
+from polypsam.geometry import Resize
 
 # Parameters that no prompt type reaches when one mask is decoded and the loss is on the mask alone: the
 # IoU head (no IoU loss), the three multimask hypernetworks and the mask-prompt downscaler.

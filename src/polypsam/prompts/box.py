@@ -7,8 +7,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from polypsam.data.transforms import box_from_mask, boxes_per_component, jitter_boxes
 from polypsam.errors import ConfigError
+from polypsam.geometry import box_from_mask, boxes_per_component, jitter_boxes
 from polypsam.prompts.base import SINGLE_MASK_UNUSED, PromptSet, PromptType, register_prompt
 
 MODES = ("tight", "per_component")

@@ -1,0 +1,1 @@
+"""Data curation: archives to PraNet's layout (``prepare``), masks stretched by specks, near-duplicates."""
