@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from polypsam.data.demo import generate_demo_dataset
 from polypsam.data.embedding_cache import EmbeddingCache
@@ -15,7 +15,9 @@ from polypsam.data.image_cache import ImageCache
 from polypsam.devices import AUTO_WORKERS_CAP, accelerator_device, processes_per_node, resolve_num_workers
 from polypsam.errors import ConfigError
 from polypsam.models import build_model, takes_prompts
+from polypsam.models.freeze import freeze_strategy
 from polypsam.models.sam import PromptableSAM
+from polypsam.module import PolypSAMModule
 from polypsam.prompts import PromptType, build_prompt, prompt_config
 from polypsam.run_dir import run_stamp
 from polypsam.runtime import FrozenEncoder, RuntimeSettings, build_frozen_encoder
@@ -56,6 +58,32 @@ def model_from_cfg(mcfg: DictConfig, pretrained: bool | None = None, lora=None, 
     if lora is not None and OmegaConf.is_config(lora):
         lora = OmegaConf.to_container(lora, resolve=True)
     return build_model(**without_runtime_keys({**settings, **overrides}), lora=lora)
+
+
+def network_from_cfg(cfg: DictConfig) -> PromptableSAM:
+    """The run's network (``strategy=lora``: peft adapters on the encoder); a prompt-free baseline turns the
+    run's ``prompt`` into ``none`` in ``cfg``, as it segments the whole image in training and evaluation."""
+    net = model_from_cfg(cfg.model, lora=cfg.strategy.get("lora"))
+    prompt = prompt_from_cfg(cfg)
+    if not takes_prompts(net) and not prompt.prompt_free:
+        log.warning("model=%s is a prompt-free baseline: prompt=%s does not apply, the run uses prompt=none",
+                    cfg.model.name, prompt.name)
+        with open_dict(cfg):
+            cfg.prompt = {"type": "none"}
+    return net
+
+
+def build_module(cfg: DictConfig, net: PromptableSAM | None = None, run_config: dict | None = None
+                 ) -> PolypSAMModule:
+    """The LightningModule of a composed config: ``net`` (built by ``network_from_cfg`` when None) frozen by
+    ``strategy``, its frozen encoder's runtime, the embedding cache, ``loss`` and ``optimizer``."""
+    net = network_from_cfg(cfg) if net is None else net
+    unused = prompt_from_cfg(cfg).unused_parameters if cfg.strategy.get("freeze_prompt_unused", True) else ()
+    frozen = freeze_strategy(net, cfg.strategy.freeze, unused)
+    encoder = frozen_encoder_from_cfg(cfg, net)  # model.runtime: OpenVINO / ONNX Runtime on a CPU
+    cache = embedding_cache_from_cfg(cfg, net, encoder)
+    return PolypSAMModule(net, loss=cfg.loss, frozen_modules=frozen, embedding_cache=cache, frozen_encoder=encoder,
+                          run_config=run_config, **OmegaConf.to_container(cfg.optimizer, resolve=True))
 
 
 def frozen_encoder_from_cfg(cfg: DictConfig, net: PromptableSAM) -> FrozenEncoder | None:
