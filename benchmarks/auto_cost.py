@@ -1,8 +1,8 @@
 """What a frame costs with no human box: ``prompt=none`` against ``prompt=auto``, side by side, one process.
 
-    PYTHONPATH=src python benchmarks/auto_cost.py --ckpt <mixed run>/checkpoints/best.ckpt
-    PYTHONPATH=src python benchmarks/auto_cost.py --ckpt <mixed best.ckpt> --proposer <U-Net run>/checkpoints/best.ckpt
-    PYTHONPATH=src python benchmarks/auto_cost.py --smoke      # LiteMedSAM zero-shot, two frames
+    PYTHONPATH=src python -m benchmarks.auto_cost --ckpt <mixed run>/checkpoints/best.ckpt
+    PYTHONPATH=src python -m benchmarks.auto_cost --ckpt <mixed best.ckpt> --proposer <U-Net run>/checkpoints/best.ckpt
+    PYTHONPATH=src python -m benchmarks.auto_cost --smoke      # LiteMedSAM zero-shot, two frames
 
 ``run_prediction`` end to end (decode, encode, both stages, masks and JSON written, no overlays) on the
 same ``--frames`` Kvasir test frames, one runtime (``--runtime``, default OpenVINO fp32), batch 1: seconds
@@ -16,25 +16,20 @@ none. Read the ratios; absolute times move with load.
 
 from __future__ import annotations
 
-import argparse
-import os
-import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import torch  # noqa: E402
-from train_throughput import RESULTS, device_info, markdown_table, print_table, write_block  # noqa: E402
+import torch
 
-from polypsam.devices import usable_cpus  # noqa: E402
-from polypsam.models import build_model  # noqa: E402
-from polypsam.prediction import plan_jobs, run_prediction  # noqa: E402
-from polypsam.prompts import auto_settings, build_prompt  # noqa: E402
-from polypsam.runtime import RuntimeSettings  # noqa: E402
-from polypsam.training.checkpoints import load_model  # noqa: E402
-
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = REPO.parent / "shared" / "data" / "polyp"
+from benchmarks import args as args_
+from benchmarks.machine import device_info
+from benchmarks.tables import RESULTS, markdown_table, print_table, write_block
+from polypsam.devices import usable_cpus
+from polypsam.models import build_model
+from polypsam.prediction import plan_jobs, run_prediction
+from polypsam.prompts import auto_settings, build_prompt
+from polypsam.runtime import RuntimeSettings
+from polypsam.training.checkpoints import load_model
 
 
 def _seconds(net, folder: Path, n: int, prompt, runtime: RuntimeSettings, proposer=None) -> tuple[float, dict]:
@@ -70,9 +65,9 @@ def rows(net, ckpt: str | None, folder: Path, n: int, runtime: RuntimeSettings, 
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = args_.parser(__doc__)
     p.add_argument("--ckpt", default=None, help="a prompt=mixed checkpoint (default: LiteMedSAM zero-shot)")
-    p.add_argument("--data-root", default=os.environ.get("POLYPSAM_DATA_ROOT", str(DEFAULT_DATA)))
+    args_.add_data_root(p)
     p.add_argument("--proposer", default=None, help="a prompt-free checkpoint (a U-Net) as auto's stage 1")
     p.add_argument("--proposer-settings", default=None, help="its settings file (default: the one beside --ckpt)")
     p.add_argument("--frames", type=int, default=16)

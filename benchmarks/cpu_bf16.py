@@ -1,9 +1,9 @@
 """Training steps on a CPU in fp32 and in bf16 autocast, side by side in one process.
 
-    PYTHONPATH=src python benchmarks/cpu_bf16.py            # LiteMedSAM and the U-Nets, a few minutes
-    PYTHONPATH=src python benchmarks/cpu_bf16.py --smoke    # the tiny SAM and a small U-Net (tests)
+    PYTHONPATH=src python -m benchmarks.cpu_bf16            # LiteMedSAM and the U-Nets, a few minutes
+    PYTHONPATH=src python -m benchmarks.cpu_bf16 --smoke    # the tiny SAM and a small U-Net (tests)
 
-A step is ``PolypSAMModule._step`` (the module's loss), backward and AdamW (``train_throughput.Stepper``),
+A step is ``PolypSAMModule._step`` (the module's loss), backward and AdamW (``benchmarks.step.Stepper``),
 on random weights and a random batch: LiteMedSAM decoder-only from cached embeddings (batch 8), LoRA and
 enc_dec (batch 2), and the study's U-Net and U-Net++ (resnet18, light decoder, 256 px, batch 8). Each
 case alternates fp32 and bf16 rounds so that both see the same load; the best step of each precision is
@@ -13,32 +13,30 @@ Whether the Dice holds in bf16 is a training question, answered by runs, not her
 
 from __future__ import annotations
 
-import argparse
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import torch  # noqa: E402
-from train_throughput import RESULTS, Case, Stepper, device_info, markdown_table, print_table, write_block  # noqa: E402
+import torch
 
-from polypsam.devices import usable_cpus  # noqa: E402
-from polypsam.models import build_model  # noqa: E402
-from polypsam.training.module import PolypSAMModule  # noqa: E402
+from benchmarks import args as args_
+from benchmarks.machine import device_info, has_amx
+from benchmarks.step import Case, Stepper, run_config
+from benchmarks.tables import RESULTS, markdown_table, print_table, write_block
+from polypsam.devices import usable_cpus
+from polypsam.training.build import build_module
 
 CPU = torch.device("cpu")
-UNET = dict(pretrained=False, encoder_name="resnet18", encoder_weights=None,
-            arch_kwargs={"decoder_channels": [128, 64, 32, 16, 8]})
+UNET = dict(encoder_name="resnet18", encoder_weights=None, arch_kwargs={"decoder_channels": [128, 64, 32, 16, 8]})
 
 
 def sam(case: Case):
-    return lambda dtype: Stepper(case, CPU, dtype)
+    return lambda dtype: Stepper.for_case(case, CPU, dtype)
 
 
 def smp(arch: str, size: int, batch: int):
+    """A prompt-free baseline as the study trains it: strategy enc_dec, Dice + BCE, no prompt."""
     def make(dtype):
-        net = build_model(arch, image_size=size, **UNET)
-        return Stepper.for_module(PolypSAMModule(net, loss="dice_bce", frozen_modules=[]), batch, CPU, dtype)
+        cfg = run_config({"name": arch, "image_size": size, **UNET}, loss="dice_bce", prompt="none")
+        return Stepper(build_module(cfg), batch, CPU, dtype=dtype)
     return make
 
 
@@ -74,7 +72,7 @@ def measure(make, rounds: int, steps: int) -> tuple[float, float]:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = args_.parser(__doc__)
     p.add_argument("--rounds", type=int, default=2, help="alternations of fp32 and bf16 per case")
     p.add_argument("--steps", type=int, default=2, help="timed steps per round")
     p.add_argument("--smoke", action="store_true", help="tiny models, one round: checks the script")
@@ -82,7 +80,7 @@ def main(argv=None) -> None:
     torch.set_num_threads(usable_cpus())
     rounds, steps = (1, 1) if args.smoke else (args.rounds, args.steps)
     info = device_info(CPU)
-    amx = "amx_bf16" in (Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else "")
+    amx = has_amx()
     rows = []
     for label, make in cases(args.smoke):
         fp32, bf16 = measure(make, rounds, steps)

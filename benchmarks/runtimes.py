@@ -1,7 +1,7 @@
 """The frozen encoder's CPU runtimes side by side, in one process, on the real polyp images.
 
-    PYTHONPATH=src python benchmarks/runtimes.py            # about 20 minutes on 2 cores
-    PYTHONPATH=src python benchmarks/runtimes.py --smoke    # a few images per section
+    PYTHONPATH=src python -m benchmarks.runtimes            # about 20 minutes on 2 cores
+    PYTHONPATH=src python -m benchmarks.runtimes --smoke    # a few images per section
 
 For LiteMedSAM (``model=lite``), each runtime and precision (torch fp32, ONNX Runtime fp32, OpenVINO fp32
 and bf16) in turn, on the same images, threads from the cores available:
@@ -22,30 +22,27 @@ Absolute times move with the load of a shared machine; the ratios of one run are
 
 from __future__ import annotations
 
-import argparse
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import torch  # noqa: E402
-from train_throughput import RESULTS, device_info, markdown_table, print_table, write_block  # noqa: E402
+import torch
 
-from polypsam.data.embedding_cache import EmbeddingCache, file_digest  # noqa: E402
-from polypsam.data.io import read_image  # noqa: E402
-from polypsam.devices import usable_cpus  # noqa: E402
-from polypsam.evaluation.runner import run_evaluation  # noqa: E402
-from polypsam.evaluation.settings import EvalSettings  # noqa: E402
-from polypsam.inference import preprocess  # noqa: E402
-from polypsam.models import build_model  # noqa: E402
-from polypsam.prediction import plan_jobs, run_prediction  # noqa: E402
-from polypsam.prompts import build_prompt  # noqa: E402
-from polypsam.runtime import RuntimeSettings, build_frozen_encoder, describe  # noqa: E402
+from benchmarks import args as args_
+from benchmarks.machine import device_info, has_amx
+from benchmarks.tables import RESULTS, markdown_table, print_table, write_block
+from polypsam.data.embedding_cache import EmbeddingCache, file_digest
+from polypsam.data.io import read_image
+from polypsam.devices import usable_cpus
+from polypsam.evaluation.runner import run_evaluation
+from polypsam.evaluation.settings import EvalSettings
+from polypsam.inference import preprocess
+from polypsam.models import build_model
+from polypsam.prediction import plan_jobs, run_prediction
+from polypsam.prompts import build_prompt
+from polypsam.runtime import RuntimeSettings, build_frozen_encoder, describe
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = REPO.parent / "shared" / "data" / "polyp"
 CHOICES = [("torch", "fp32"), ("onnxruntime", "fp32"), ("openvino", "fp32"), ("openvino", "bf16")]
 CPU = torch.device("cpu")
 
@@ -145,18 +142,17 @@ def predict_rows(net, folder: Path, n: int) -> list[list[str]]:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data-root", default=os.environ.get("POLYPSAM_DATA_ROOT", str(DEFAULT_DATA)))
+    p = args_.parser(__doc__)
+    args_.add_data_root(p)
     p.add_argument("--smoke", action="store_true", help="two images per section, nothing written to RESULTS.md")
-    p.add_argument("--limit", type=int, default=10, help="images per test set in the timed evaluation")
     p.add_argument("--results", default=None, help=f"markdown file to update (default {RESULTS}; none for --smoke)")
+    p.add_argument("--limit", type=int, default=10, help="images per test set in the timed evaluation")
     args = p.parse_args(argv)
     root = Path(args.data_root)
     small = 2 if args.smoke else None
     torch.set_num_threads(usable_cpus())
     info = device_info(CPU)
-    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    amx = "amx_bf16" in flags
+    amx = has_amx()
     net = build_model("lite").eval()
     encoders = build_encoders(net)
     kvasir = root / "TestDataset" / "Kvasir"
@@ -178,9 +174,9 @@ def main(argv=None) -> None:
     for title, cols, rows in sections:
         print_table(f"{title} ({head})", cols, rows)
         text += ["", f"**{title}**", "", markdown_table(cols, rows)]
-    target = args.results or (None if args.smoke else str(RESULTS))
+    target = args_.results_file(args)
     if target:
-        write_block(Path(target), "runtimes cpu", "\n".join(text))
+        write_block(target, "runtimes cpu", "\n".join(text))
         print(f"updated {target}")
 
 

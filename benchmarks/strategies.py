@@ -1,10 +1,10 @@
 """LoRA against enc_dec against dec, side by side: training-step speed, peak memory, checkpoint size.
 
-    PYTHONPATH=src python benchmarks/strategies.py                  # CPU: lite at 256 px, vit_b at 224 px
-    PYTHONPATH=src python benchmarks/strategies.py --device cuda    # GPU: vit_b and lite at their real sizes
-    PYTHONPATH=src python benchmarks/strategies.py --smoke          # seconds, the tiny model (tests)
+    PYTHONPATH=src python -m benchmarks.strategies                  # CPU: lite at 256 px, vit_b at 224 px
+    PYTHONPATH=src python -m benchmarks.strategies --device cuda    # GPU: vit_b and lite at their real sizes
+    PYTHONPATH=src python -m benchmarks.strategies --smoke          # seconds, the tiny model (tests)
 
-The step is train_throughput.py's (``PolypSAMModule._step``, backward, AdamW, random weights, one box per
+The step is ``benchmarks.step``'s (``PolypSAMModule._step``, backward, AdamW, random weights, one box per
 image), and so are the timing and the peak memory (CPU: a forked child per case, its peak resident set;
 GPU: ``max_memory_allocated``, autocast bf16). dec recomputes its frozen encoder every step (no embedding
 cache, so the three rows do the same forward). The checkpoint is what a run writes after one step:
@@ -13,32 +13,24 @@ cache, so the three rows do the same forward). The checkpoint is what a run writ
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_throughput import (  # noqa: I001 - the sibling script after its path
-    RESULTS,
-    Case,
-    Result,
-    Stepper,
-    _fmt,
-    _with_threads,
+import torch
+
+from benchmarks import args as args_
+from benchmarks.machine import (
     describe,
     device_info,
     in_child,
-    markdown_table,
     measure_cpu_peak_gflops,
-    print_table,
-    run_case,
-    write_block,
+    pick_device,
+    with_threads,
 )
-
-import torch
+from benchmarks.step import Case, Result, Stepper, run_case
+from benchmarks.tables import fmt, markdown_table, print_table, ratio, write_block
 
 STRATEGY_ORDER = ("dec", "enc_dec", "lora")
 
@@ -46,7 +38,7 @@ STRATEGY_ORDER = ("dec", "enc_dec", "lora")
 def cases(device: str, models: list[str], smoke: bool) -> list[Case]:
     if smoke:
         models = ["tiny"]
-    elif device == "cpu":  # 224 px: SAM's ViT at full width and depth in a CPU's time (train_throughput.py)
+    elif device == "cpu":  # 224 px: SAM's ViT at full width and depth in a CPU's time (benchmarks.train_throughput)
         models = [m if m == "lite" else f"{m}@224" for m in models]
     batch = {"lite": 16, "vit_b": 4, "vit_l": 2, "vit_h": 1}
     return [Case(m, strategy=s, batch=1 if device == "cpu" else batch.get(m, 1), attention="sdpa")
@@ -55,7 +47,7 @@ def cases(device: str, models: list[str], smoke: bool) -> list[Case]:
 
 def checkpoint_facts(case: Case, device: torch.device) -> dict:
     """Trainable parameters and the size of the checkpoint a run writes after one step."""
-    stepper = Stepper(case, device)
+    stepper = Stepper.for_case(case, device)
     stepper.step()
     module = stepper.module
     ckpt = {"state_dict": module.state_dict(), "optimizer_states": [stepper.opt.state_dict()]}
@@ -72,16 +64,12 @@ def measure(case: Case, device: torch.device, steps: int, warmup: int, threads: 
         res = run_case(case, device, steps, warmup, count_flops=False)
         res.extra.update(checkpoint_facts(case, device))
         return res
-    status, res = in_child(_with_threads, threads, run_case, case, device, steps, warmup, False)
+    status, res = in_child(with_threads, threads, run_case, case, device, steps, warmup, False)
     if status != "ok":
         return Result(case, error=res)
-    status, facts = in_child(_with_threads, threads, checkpoint_facts, case, device)
+    status, facts = in_child(with_threads, threads, checkpoint_facts, case, device)
     res.extra.update(facts if status == "ok" else {})
     return res
-
-
-def _ratio(a, b) -> str:
-    return _fmt(a / b if (a and b) else None, ".2f")
 
 
 def rows(results: list[Result]) -> tuple[list[str], list[list[str]]]:
@@ -94,40 +82,35 @@ def rows(results: list[Result]) -> tuple[list[str], list[list[str]]]:
         if r.error:
             out.append([r.case.model, r.case.strategy, str(r.case.batch), r.error] + ["-"] * (len(head) - 4))
             continue
-        out.append([r.case.model, r.case.strategy, str(r.case.batch), _fmt(x.get("trainable"), ",d"),
-                    _fmt(r.images_per_s, ".3g"), _fmt(r.step_ms, ".4g"), _fmt(r.peak_mib, ".0f"),
-                    _fmt(x.get("checkpoint_mib"), ".1f"),
-                    _ratio(r.images_per_s, e and e.images_per_s), _ratio(r.peak_mib, e and e.peak_mib),
-                    _ratio(x.get("checkpoint_mib"), e and e.extra.get("checkpoint_mib"))])
+        out.append([r.case.model, r.case.strategy, str(r.case.batch), fmt(x.get("trainable"), ",d"),
+                    fmt(r.images_per_s, ".3g"), fmt(r.step_ms, ".4g"), fmt(r.peak_mib, ".0f"),
+                    fmt(x.get("checkpoint_mib"), ".1f"),
+                    ratio(r.images_per_s, e and e.images_per_s), ratio(r.peak_mib, e and e.peak_mib),
+                    ratio(x.get("checkpoint_mib"), e and e.extra.get("checkpoint_mib"))])
     return head, out
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p = args_.parser(__doc__)
+    args_.add_device(p)
     p.add_argument("--models", default="lite,vit_b", help="comma list from lite, vit_b, vit_l, vit_h")
-    p.add_argument("--steps", type=int, default=None, help="timed steps per case (CPU 3, GPU 10)")
-    p.add_argument("--warmup", type=int, default=None, help="warm-up steps (CPU 1, GPU 3)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads on a CPU (see train_throughput.py)")
-    p.add_argument("--smoke", action="store_true", help="the tiny model, one step each: checks the script")
-    p.add_argument("--results", default=None, help=f"markdown file to update (default {RESULTS}; none for --smoke)")
-    p.add_argument("--block", default=None, help="marker name (default 'strategies <cpu|cuda>')")
-    p.add_argument("--json", default=None, help="also write the raw results here")
+    args_.add_steps(p)
+    args_.add_outputs(p, "marker name (default 'strategies <cpu|cuda>')",
+                      "the tiny model, one step each: checks the script")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> list[Result]:
     args = parse_args(argv)
-    dev = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    device, gpu = torch.device(dev), dev == "cuda"
+    device = pick_device(args.device)
+    dev, gpu = device.type, device.type == "cuda"
     if not gpu:
         torch.set_num_threads(1)  # the parent stays single-threaded; cases run forked with args.threads
-    steps = args.steps or (1 if args.smoke else 10 if gpu else 3)
-    warmup = args.warmup if args.warmup is not None else (1 if args.smoke else 3 if gpu else 1)
+    steps, warmup = args_.step_counts(args, gpu)
     info = device_info(device)
     if not gpu:
         info["threads"] = args.threads
-        info["peak_gflops"] = in_child(_with_threads, args.threads, measure_cpu_peak_gflops, 0.3)[1]
+        info["peak_gflops"] = in_child(with_threads, args.threads, measure_cpu_peak_gflops, 0.3)[1]
     run_case(Case("tiny", batch=1), device, steps=1, warmup=1, count_flops=False)  # one-off allocations
     import peft.tuners.lora  # noqa: F401 - imported once here: no forked case counts its import in its peak
     models = [m.strip() for m in args.models.split(",") if m.strip()]
@@ -139,11 +122,11 @@ def main(argv=None) -> list[Result]:
     if args.json:
         Path(args.json).write_text(json.dumps({"device": info, "steps": steps, "warmup": warmup,
                                                "cases": [r.to_json() for r in results]}, indent=1, default=str))
-    results_file = args.results or (None if args.smoke else str(RESULTS))
+    results_file = args_.results_file(args)
     if results_file:
         text = (f"Measured {info['date']} on {describe(info)}; {steps} timed steps after {warmup} warm-up, "
                 f"median step (CPU) or mean (GPU).\n\n{markdown_table(head, table)}\n")
-        write_block(Path(results_file), args.block or f"strategies {dev}", text)
+        write_block(results_file, args.block or f"strategies {dev}", text)
     return results
 
 

@@ -9,12 +9,11 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-BENCH = REPO / "benchmarks"
 
 
 def _run(script: str, *args: str, timeout: int = 120) -> str:
     env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "NO_ALBUMENTATIONS_UPDATE": "1", "COLUMNS": "220"}
-    proc = subprocess.run([sys.executable, str(BENCH / script), "--smoke", *args], cwd=REPO, env=env, check=False,
+    proc = subprocess.run([sys.executable, "-m", f"benchmarks.{script}", "--smoke", *args], cwd=REPO, env=env, check=False,
                           capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     return proc.stdout
@@ -24,7 +23,7 @@ def test_train_throughput_smoke(real_root, tmp_path):
     md, js = tmp_path / "RESULTS.md", tmp_path / "train.json"
     md.write_text("# notes kept by hand\n\n<!-- BEGIN train_throughput cpu -->\nold figures\n"
                   "<!-- END train_throughput cpu -->\n\ntext after the block\n")
-    out = _run("train_throughput.py", "--results", str(md), "--json", str(js), "--data-root", str(real_root))
+    out = _run("train_throughput", "--results", str(md), "--json", str(js), "--data-root", str(real_root))
     for col in ("img/s", "peak MiB", "speed x stock", "model GFLOP/img", "MFU"):
         assert col in out
     res = json.loads(js.read_text())
@@ -58,7 +57,7 @@ def test_train_throughput_smoke(real_root, tmp_path):
 
 def test_data_throughput_smoke(real_root, tmp_path):
     js = tmp_path / "data.json"
-    out = _run("data_throughput.py", "--json", str(js), "--data-root", str(real_root))
+    out = _run("data_throughput", "--json", str(js), "--data-root", str(real_root))
     for col in ("decode img/s", "image cache warm img/s", "embedding cache warm img/s", "resident img/s"):
         assert col in out
     (row,) = json.loads(js.read_text())["rows"]
@@ -70,14 +69,14 @@ def test_data_throughput_smoke(real_root, tmp_path):
 @pytest.mark.slow  # a subprocess
 def test_missing_data_root_is_a_clear_error(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "NO_ALBUMENTATIONS_UPDATE": "1"}
-    proc = subprocess.run([sys.executable, str(BENCH / "data_throughput.py"), "--smoke", "--data-root",
-                           str(tmp_path)], env=env, check=False, capture_output=True, text=True, timeout=60)
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.data_throughput", "--smoke", "--data-root",
+                           str(tmp_path)], cwd=REPO, env=env, check=False, capture_output=True, text=True, timeout=60)
     assert proc.returncode != 0 and f"{tmp_path}: no TrainDataset folder" in proc.stderr
 
 
 @pytest.mark.slow
 def test_auto_cost_smoke(real_root):
-    out = _run("auto_cost.py", "--runtime", "torch", "--data-root", str(real_root), timeout=300)
+    out = _run("auto_cost", "--runtime", "torch", "--data-root", str(real_root), timeout=300)
     lines = {ln.split("│")[1].strip(): ln for ln in out.splitlines() if ln.count("│") >= 3}
     assert "1.00x" in lines["none"]  # the reference row
     ratio = float(lines["auto, conf/prompt/auto.yaml"].split("│")[3].strip().rstrip("x"))
@@ -85,20 +84,19 @@ def test_auto_cost_smoke(real_root):
 
 
 def test_cpu_bf16_smoke():
-    out = _run("cpu_bf16.py")
+    out = _run("cpu_bf16")
     for label in ("tiny dec cached emb, batch 2", "U-Net 64 px, batch 2"):
         row = next(ln for ln in out.splitlines() if label in ln and "│" in ln)
         fp32, bf16, ratio = (float(c.strip().rstrip("x")) for c in row.split("│")[2:5])
         assert fp32 > 0 and bf16 > 0 and ratio > 0
 
 
-def test_runtime_rows_name_the_encoder_that_ran(real_root, tmp_path, monkeypatch):
+def test_runtime_rows_name_the_encoder_that_ran(real_root, tmp_path):
     """benchmarks/runtimes.py: a runtime that falls back to torch (here its store cannot be written) is a torch
     row, not a row of the runtime asked for. Checked: labelled by the (runtime, precision) asked for, it fails."""
-    from polypsam.models import build_model
+    from benchmarks import runtimes
 
-    monkeypatch.syspath_prepend(str(BENCH))
-    import runtimes
+    from polypsam.models import build_model
 
     blocked = tmp_path / "a file where the store should be"
     blocked.write_text("")

@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from polypsam.curation.specks import speck_report
 from polypsam.data.demo import generate_demo_dataset
@@ -57,6 +57,19 @@ def model_from_cfg(mcfg: DictConfig, pretrained: bool | None = None, lora=None, 
     if lora is not None and OmegaConf.is_config(lora):
         lora = OmegaConf.to_container(lora, resolve=True)
     return build_model(**without_runtime_keys({**settings, **overrides}), lora=lora)
+
+
+def network_from_cfg(cfg: DictConfig) -> PromptableSAM:
+    """The run's network (``strategy=lora``: peft adapters on the encoder); a prompt-free baseline turns the
+    run's ``prompt`` into ``none`` in ``cfg``, as it segments the whole image in training and evaluation."""
+    net = model_from_cfg(cfg.model, lora=cfg.strategy.get("lora"))
+    prompt = prompt_from_cfg(cfg)
+    if not takes_prompts(net) and not prompt.prompt_free:
+        log.warning("model=%s is a prompt-free baseline: prompt=%s does not apply, the run uses prompt=none",
+                    cfg.model.name, prompt.name)
+        with open_dict(cfg):
+            cfg.prompt = {"type": "none"}
+    return net
 
 
 def frozen_encoder_from_cfg(cfg: DictConfig, net: PromptableSAM) -> FrozenEncoder | None:

@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from polypsam.cli import one_line, run_cli
 from polypsam.config import CONF_DIR, model_from_cfg, prompt_from_cfg
 from polypsam.errors import ConfigError, DataError
-from polypsam.evaluation.tasks import untrained_prompt_warning
+from polypsam.evaluation.identity import untrained_prompt_warning
 from polypsam.models.registry import available_models
 from polypsam.models.sam import PromptableSAM
 from polypsam.prediction import load_boxes_csv, plan_jobs, run_prediction

@@ -1,7 +1,9 @@
 """Evaluation on PraNet's test sets: the library behind ``python -m polypsam.evaluate`` and training's
-final evaluation. ``runner`` predicts and scores, ``report`` writes the tables and figures, ``tasks``
-turns a config or a checkpoint into an evaluation."""
+final evaluation. ``plan`` resolves a config once into an ``EvalPlan`` (network, checkpoint, settings,
+proposer, output folder), ``tasks`` runs it, ``runner`` predicts and scores, ``report`` writes the tables
+and figures."""
 
+from polypsam.evaluation.plan import EvalPlan, plan_after_training, plan_evaluation
 from polypsam.evaluation.records import collect_records
 from polypsam.evaluation.runner import EvalResult, label, run_evaluation
 from polypsam.evaluation.settings import (
@@ -17,8 +19,9 @@ from polypsam.evaluation.tasks import (
            evaluate_after_training,
            evaluate_model,
            run_identity,
+           run_plan,
 )
 
-__all__ = ["FAILURE_SCORES", "METRICS", "UNREADABLE_CONVENTION", "EvalResult", "EvalSettings", "check_test_data",
-           "collect_records", "evaluate", "evaluate_after_training", "evaluate_model", "label", "run_evaluation",
-           "run_identity", "settings_from_cfg"]
+__all__ = ["FAILURE_SCORES", "METRICS", "UNREADABLE_CONVENTION", "EvalPlan", "EvalResult", "EvalSettings", "check_test_data",
+           "collect_records", "evaluate", "evaluate_after_training", "evaluate_model", "label", "plan_after_training",
+           "plan_evaluation", "run_evaluation", "run_identity", "run_plan", "settings_from_cfg"]

@@ -8,6 +8,7 @@ prompt-free baselines of segmentation-models-pytorch (``models.baselines``).
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
@@ -131,15 +132,26 @@ _VIT = {
 }
 
 
-def _build_sam_vit(name: str, pretrained: bool, checkpoint_dir) -> PromptableSAM:
+def _build_sam_vit(name: str, pretrained: bool, checkpoint_dir, image_size: int = 1024) -> PromptableSAM:
+    """SAM's ViT, prompt encoder and mask decoder; ``image_size`` (``model.image_size``, a multiple of 16):
+    the same blocks at another input size, random weights only (the benchmarks' CPU sizes)."""
     spec = _SPECS[name]
-    v = _VIT[name]
+    if image_size != spec.image_size:
+        if pretrained:
+            raise ConfigError(f"model.image_size={image_size}: SAM's {name} weights are for {spec.image_size} px; "
+                              "another size builds random weights (model.pretrained=false).")
+        if image_size <= 0 or image_size % 16:
+            raise ConfigError(f"model.image_size={image_size}: SAM's ViT needs a positive multiple of 16 "
+                              "(its patch size).")
+        spec = replace(spec, name=f"{name}@{image_size}", image_size=image_size, embedding_size=image_size // 16,
+                       description=f"{name} at {image_size} px")
+    v, grid = _VIT[name], spec.embedding_size
     encoder = ImageEncoderViT(
-        img_size=1024, patch_size=16, embed_dim=v["embed_dim"], depth=v["depth"], num_heads=v["num_heads"],
+        img_size=image_size, patch_size=16, embed_dim=v["embed_dim"], depth=v["depth"], num_heads=v["num_heads"],
         mlp_ratio=4, out_chans=256, qkv_bias=True, norm_layer=partial(nn.LayerNorm, eps=1e-6),
         use_rel_pos=True, window_size=14, global_attn_indexes=v["global_attn_indexes"])
-    prompt = PromptEncoder(embed_dim=256, image_embedding_size=(64, 64), input_image_size=(1024, 1024),
-                           mask_in_chans=16)
+    prompt = PromptEncoder(embed_dim=256, image_embedding_size=(grid, grid),
+                           input_image_size=(image_size, image_size), mask_in_chans=16)
     decoder = MaskDecoder(num_multimask_outputs=3, transformer_dim=256, iou_head_depth=3,
                           iou_head_hidden_dim=256,
                           transformer=TwoWayTransformer(depth=2, embedding_dim=256, mlp_dim=2048, num_heads=8))
@@ -157,7 +169,7 @@ def _build_sam_vit(name: str, pretrained: bool, checkpoint_dir) -> PromptableSAM
 
 for _name, _desc in (("vit_b", "SAM ViT-B (91M encoder)"), ("vit_l", "SAM ViT-L (308M encoder)"),
                      ("vit_h", "SAM ViT-H (637M encoder)")):
-    register_model(ModelSpec(_name, 1024, SAM_MEAN, SAM_STD, "mean_std", 64, 256, _desc))(
+    register_model(ModelSpec(_name, 1024, SAM_MEAN, SAM_STD, "mean_std", 64, 256, _desc), options=("image_size",))(
         partial(_build_sam_vit, _name))
 
 
