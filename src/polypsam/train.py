@@ -38,8 +38,10 @@ from polypsam.config import (
 )
 from polypsam.data.files import find_test_sets
 from polypsam.devices import device_count, resolve_precision
+from polypsam.errors import PolypSamError
 from polypsam.evaluation import check_test_data, evaluate_after_training
 from polypsam.launch import run_maybe_distributed
+from polypsam.lightning_tips import silence_lightning_tips
 from polypsam.models.freeze import freeze_strategy, parameter_counts
 from polypsam.models.registry import takes_prompts
 from polypsam.module import PolypSAMModule
@@ -47,8 +49,11 @@ from polypsam.provenance import record as record_provenance
 from polypsam.resume import resume_argv
 from polypsam.run_dir import claim_run_dir
 from polypsam.run_metrics import keep_earlier_metrics
+from polypsam.run_results import after_fit_error, earlier_zero_shot, save_zero_shot
+from polypsam.schema import check_config
 
 log = logging.getLogger("polypsam.train")
+silence_lightning_tips()  # here and in every spawned DDP rank, which imports this module
 
 
 def _instantiate_dict(group: DictConfig | None) -> list:
@@ -158,6 +163,10 @@ def _train(cfg: DictConfig, out: Path) -> dict:
         results["zero_shot_val_dice"] = zero.get("val/dice")
         results["zero_shot_val_iou"] = zero.get("val/iou")
         results["zero_shot_val_seconds"] = time.perf_counter() - t0
+        if rank_zero_only.rank == 0:
+            save_zero_shot(out, results)  # a resumed run skips the zero-shot validation: it reads these
+    elif resuming:
+        results.update(earlier_zero_shot(out))
     t0 = time.perf_counter()
     trainer.fit(module, datamodule=dm, ckpt_path=cfg.get("ckpt_path"))
     results["fit_seconds"] = time.perf_counter() - t0
@@ -174,7 +183,10 @@ def _train(cfg: DictConfig, out: Path) -> dict:
         # the full evaluation (polypsam.evaluation) of the best checkpoint, on one process: per-image metrics,
         # tables, masks and figures in <run>/eval/; no DistributedSampler duplicates to remove
         if find_test_sets(cfg.data.root):
-            evaluated = evaluate_after_training(cfg, best, out / "eval", trainer)
+            try:
+                evaluated = evaluate_after_training(cfg, best, out / "eval", trainer)
+            except PolypSamError as exc:  # the line says the checkpoints are saved and how to finish
+                raise after_fit_error(exc, out, best) from exc
             results["test"] = evaluated.test_metrics()
             results["eval_dir"] = str(evaluated.out_dir)
     if rank_zero_only.rank == 0:
@@ -193,6 +205,7 @@ def _train(cfg: DictConfig, out: Path) -> dict:
 def _hydra_main(cfg: DictConfig) -> float | None:
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     # data errors, divergence, out of memory, SIGTERM: one line and its exit status (polypsam.cli)
+    run_cli(check_config, cfg, "train", cfg=cfg)  # every value, devices, runtime: before any work is done
     results = run_cli(run_maybe_distributed, train, cfg, cfg=cfg)
     return (results or {}).get("best_val_dice")
 
