@@ -16,11 +16,13 @@ import hydra
 from polypsam.cli import run_cli
 from polypsam.config import CONF_DIR
 from polypsam.evaluation import evaluate
+from polypsam.schema import check_config
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="eval")
 def main(cfg) -> float | None:
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    run_cli(check_config, cfg, "eval")  # every value checked before any work (polypsam.schema)
     result = run_cli(evaluate, cfg)
     return float(result.summary["dice"].mean())
 

@@ -31,6 +31,7 @@ from polypsam.models.sam import PromptableSAM
 from polypsam.prediction import load_boxes_csv, plan_jobs, run_prediction
 from polypsam.prompts import auto_settings
 from polypsam.runtime import RuntimeSettings
+from polypsam.schema import check_config
 from polypsam.training.checkpoints import load_model
 
 __all__ = ["load_boxes_csv", "load_network", "plan_jobs", "predict", "run_prediction"]
@@ -104,6 +105,7 @@ def predict(cfg: DictConfig) -> dict:
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="predict")
 def main(cfg: DictConfig) -> None:
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    run_cli(check_config, cfg, "predict")  # every value checked before any work (polypsam.schema)
     run_cli(predict, cfg, on_oom=lambda exc: (
         f"out of memory on {cfg.device} ({one_line(exc)[:160]}); lower batch_size (now {cfg.batch_size}), "
         "use precision=bf16 on a recent GPU, or device=cpu."))

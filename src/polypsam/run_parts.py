@@ -20,6 +20,7 @@ from rich.table import Table
 from polypsam.config import datamodule_from_cfg, derive_accumulation
 from polypsam.data.files import find_test_sets
 from polypsam.devices import device_count, resolve_precision
+from polypsam.errors import PolypSamError
 from polypsam.evaluation import check_test_data, evaluate_after_training
 from polypsam.models.freeze import parameter_counts
 from polypsam.reporting.provenance import record as record_provenance
@@ -27,6 +28,7 @@ from polypsam.training.callbacks import EpochTimer
 from polypsam.training.checkpoints import resolve_ckpt_path, with_atomic_checkpoints
 from polypsam.training.module import PolypSAMModule
 from polypsam.training.run_metrics import keep_earlier_metrics
+from polypsam.training.run_results import after_fit_error, earlier_zero_shot, save_zero_shot
 
 log = logging.getLogger("polypsam.train")
 
@@ -134,12 +136,17 @@ def fit(cfg: DictConfig, out: Path, parts: Parts, precision: str) -> dict:
                      "accumulate_grad_batches": parts.accum, "effective_batch_size": parts.effective,
                      "trainable_params": parts.counts["total"]["trainable"],
                      "frozen_params": parts.counts["total"]["frozen"]}
-    if cfg.get("validate_before_training") and cfg.get("ckpt_path") is None:
+    resuming = cfg.get("ckpt_path") is not None
+    if cfg.get("validate_before_training") and not resuming:
         t0 = time.perf_counter()
         zero = trainer.validate(module, datamodule=dm, verbose=False)[0]
         results["zero_shot_val_dice"] = zero.get("val/dice")
         results["zero_shot_val_iou"] = zero.get("val/iou")
         results["zero_shot_val_seconds"] = time.perf_counter() - t0
+        if rank_zero_only.rank == 0:
+            save_zero_shot(out, results)  # a resumed run skips the zero-shot validation: it reads these
+    elif resuming:
+        results.update(earlier_zero_shot(out))
     t0 = time.perf_counter()
     trainer.fit(module, datamodule=dm, ckpt_path=cfg.get("ckpt_path"))
     results["fit_seconds"] = time.perf_counter() - t0
@@ -161,7 +168,10 @@ def finish(cfg: DictConfig, out: Path, parts: Parts, results: dict) -> dict:
         # the full evaluation (polypsam.evaluation) of the best checkpoint, on one process: per-image metrics,
         # tables, masks and figures in <run>/eval/; no DistributedSampler duplicates to remove
         if find_test_sets(cfg.data.root):
-            evaluated = evaluate_after_training(cfg, best, out / "eval", parts.trainer)
+            try:
+                evaluated = evaluate_after_training(cfg, best, out / "eval", parts.trainer)
+            except PolypSamError as exc:  # the line says the checkpoints are saved and how to finish
+                raise after_fit_error(exc, out, best) from exc
             results["test"] = evaluated.test_metrics()
             results["eval_dir"] = str(evaluated.out_dir)
     if rank_zero_only.rank == 0:

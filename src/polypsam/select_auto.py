@@ -14,11 +14,13 @@ import hydra
 from polypsam.cli import run_cli
 from polypsam.config import CONF_DIR
 from polypsam.evaluation.select_auto import select_auto
+from polypsam.schema import check_config
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="select_auto")
 def main(cfg) -> float:
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    run_cli(check_config, cfg, "select_auto")  # every value checked before any work (polypsam.schema)
     return run_cli(select_auto, cfg)["validation_dice"]["chosen"]
 
 

@@ -18,11 +18,15 @@ from omegaconf import DictConfig
 
 from polypsam.cli import run_cli
 from polypsam.config import CONF_DIR, network_from_cfg
+from polypsam.lightning_tips import silence_lightning_tips
 from polypsam.run_dir import claim_run_dir
 from polypsam.run_parts import build_parts, finish, fit, open_run, record_run
+from polypsam.schema import check_config
 from polypsam.training.build import build_module
 from polypsam.training.launch import run_maybe_distributed
 from polypsam.training.resume import resume_argv
+
+silence_lightning_tips()  # here and in every spawned DDP rank, which imports this module
 
 
 def train(cfg: DictConfig) -> dict:
@@ -50,6 +54,7 @@ def _train(cfg: DictConfig, out: Path) -> dict:
 def _hydra_main(cfg: DictConfig) -> float | None:
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     # data errors, divergence, out of memory, SIGTERM: one line and its exit status (polypsam.cli)
+    run_cli(check_config, cfg, "train", cfg=cfg)  # every value, devices, runtime: before any work is done
     results = run_cli(run_maybe_distributed, train, cfg, cfg=cfg)
     return (results or {}).get("best_val_dice")
 

@@ -66,6 +66,12 @@ def resolve_runtime(runtime: str, precision: str, device: torch.device) -> tuple
     return name, precision
 
 
+def check_runtime(runtime: str, precision: str, device: torch.device) -> None:
+    """A ConfigError for a runtime or precision that cannot run on ``device`` (a missing package is not one:
+    it falls back to torch); the schema calls it before the model is built (``polypsam.schema``)."""
+    _resolve(runtime, precision, device)
+
+
 def _resolve(runtime: str, precision: str, device: torch.device) -> tuple[str, str, str]:
     """``resolve_runtime``'s choice, and why a runtime asked for is replaced by torch ("" when none is)."""
     if runtime not in ("auto", "torch", *RUNTIMES):
