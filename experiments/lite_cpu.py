@@ -31,6 +31,7 @@ from pathlib import Path
 import pandas as pd
 from PIL import Image
 
+from polypsam.curation import neighbours, specks
 from polypsam.data.datamodule import folder_records
 from polypsam.data.splits import make_split, write_split
 from polypsam.prompts import auto_settings
@@ -180,12 +181,16 @@ def copy_records(study: Study, row: Row) -> Path | None:
 
 
 def data_notes(study: Study) -> None:
-    """polypsam's own data reports: masks stretched by specks, test frames with a near-duplicate in training."""
+    """polypsam's own data reports: masks stretched by specks, test frames with a near-duplicate in training.
+    Plain command lines, run in this process."""
     if not (study.out / "specks.json").is_file():
-        study.call("polypsam.curation.specks", str(study.data), "--out", str(study.out / "specks.json"))
+        print(f"[lite_cpu] polypsam.curation.specks {study.data}", flush=True)
+        if specks.main([str(study.data), "--out", str(study.out / "specks.json")]):
+            raise SystemExit("lite_cpu: the speck report failed (above)")
     if not (study.out / "neighbours.json").is_file():
-        study.call("polypsam.curation.neighbours", str(study.data), "--split", str(study.split), "--out",
-                   str(study.out / "neighbours.json"))
+        print(f"[lite_cpu] polypsam.curation.neighbours {study.data}", flush=True)
+        if neighbours.main([str(study.data), "--split", str(study.split), "--out", str(study.out / "neighbours.json")]):
+            raise SystemExit("lite_cpu: the neighbour report failed (above)")
 
 
 def fast_split(study: Study) -> None:

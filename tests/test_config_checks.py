@@ -123,7 +123,7 @@ def test_failure_after_fit_names_checkpoints_and_resume_keeps_zero_shot(demo, tm
     kept = tmp_path / "masks"
     shutil.copytree(masks, kept)
     common = [f"data.root={root}", "data.generate_demo=false", f"paths.root_dir={tmp_path}"]
-    proc = train_cli(*common, f"hydra.run.dir={run}", "+callbacks.fault._target_=polypsam.callbacks.InjectFault",
+    proc = train_cli(*common, f"hydra.run.dir={run}", "+callbacks.fault._target_=polypsam.training.callbacks.InjectFault",
                      "+callbacks.fault.kind=pause", "+callbacks.fault.at_batch=4", f"+callbacks.fault.marker={marker}",
                      "+callbacks.fault.wait_s=30", wait=False)
     t0 = time.monotonic()

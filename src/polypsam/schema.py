@@ -176,7 +176,7 @@ def check_rules_with_a_home(cfg: DictConfig, task: str) -> None:
     if cfg.get("prompt") is not None:
         prompt_from_cfg(cfg)
     if task == "train":
-        from polypsam.losses import SegmentationLoss
+        from polypsam.training.losses import SegmentationLoss
 
         SegmentationLoss(str(cfg.get("loss", "dice")))
         check_devices(cfg.trainer)
