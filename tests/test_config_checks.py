@@ -22,6 +22,7 @@ from polypsam.devices import usable_cpus
 
 REPO = Path(__file__).resolve().parents[1]
 QUIET = ["callbacks.rich_progress_bar=null", "callbacks.val_overlays=null"]
+pytestmark = pytest.mark.slow  # every test starts the command line in a process of its own (make test-fast skips them)
 
 
 def train_cli(*overrides, wait=True):

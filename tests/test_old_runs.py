@@ -8,11 +8,14 @@ line, and the resumed run saves its config with the new names.
 import json
 import pickle
 
+import pytest
 import torch
 import yaml
 
 from polypsam.training.resume import MOVED_TARGETS, moved_targets
 from test_resume import cli
+
+pytestmark = pytest.mark.slow  # trains and resumes through the command line, in processes of their own
 
 OLD_CALLBACKS = ("polypsam.callbacks.", "polypsam.training.callbacks.")
 
