@@ -257,6 +257,14 @@ def test_resume_arguments_and_their_errors(work, baseline, tmp_path):
     assert resume_argv(["prog", "ckpt_path=/some/file.ckpt"]) == ["prog", "ckpt_path=/some/file.ckpt"]
     with pytest.raises(ConfigError, match="model=lite would change config groups"):
         resume_argv(["prog", f"ckpt_path={baseline}", "model=lite"])
+    # what the run trains stays: another learning rate or precision needs a new run folder
+    saved = yaml.safe_load((baseline / ".hydra" / "config.yaml").read_text())
+    with pytest.raises(ConfigError, match=r"scratch.lr=0.5 \(the run: [^)]+\) would change what the run trains"):
+        resume_argv(["prog", f"resume={baseline}", "scratch.lr=0.5"])
+    with pytest.raises(ConfigError, match="trainer.precision=bf16-mixed"):
+        resume_argv(["prog", f"resume={baseline}", "trainer.precision=bf16-mixed"])
+    same = f"scratch.lr={saved['scratch']['lr']}"  # the value the run has: no change
+    assert resume_argv(["prog", f"resume={baseline}", same])[-1] == same
     with pytest.raises(ConfigError, match="run directory not found"):
         resume_argv(["prog", f"resume={tmp_path / 'nope'}"])
     (tmp_path / "r" / ".hydra").mkdir(parents=True)

@@ -22,6 +22,8 @@ from polypsam.run_dir import claim_run_dir
 from polypsam.training.checkpoints import LAST_NAME
 
 OWN_KEYS = ("hydra.run.dir", "ckpt_path", "data.split_file", "resume")  # set by resume_argv itself
+# what a run's training means: a resume that changes one of these would mix two recipes in one run folder
+DEFINING = ("strategy.", "scratch.lr", "optimizer.", "trainer.precision", "loss")
 
 # Hydra targets a saved run may name, and where they live now (prefix -> prefix; issue 27 moved them)
 MOVED_TARGETS = {
@@ -123,6 +125,22 @@ def moved_targets(config: dict, at: str = "") -> dict[str, tuple[str, str]]:
     return found
 
 
+def _changes(extras: list[str], saved: dict) -> list[str]:
+    """``key=value (the run: old)`` for each override of a DEFINING key whose value differs from the run's."""
+    found = []
+    for a in extras:
+        key, value = _split(a)
+        key = key.lstrip("+")
+        if value is None or a.startswith(("-", "~")) or not key.startswith(DEFINING):
+            continue
+        old = saved
+        for part in key.split("."):
+            old = old.get(part) if isinstance(old, dict) else None
+        if yaml.safe_load(value) != old:
+            found.append(f"{key}={value} (the run: {old})")
+    return found
+
+
 def resume_argv(argv: list[str]) -> list[str]:
     """Command-line arguments for resuming, or ``argv`` unchanged when nothing is resumed.
 
@@ -161,12 +179,18 @@ def resume_argv(argv: list[str]) -> list[str]:
         raise ConfigError(f"resume={run}: {', '.join(refused)} would change config groups of the run being "
                           f"resumed; a resumed run keeps the config it started with ({hydra_dir / 'config.yaml'}). "
                           "Drop them, or start a new run.")
+    saved = yaml.safe_load((hydra_dir / "config.yaml").read_text()) or {}
+    changed = _changes(extras, saved)
+    if changed:
+        raise ConfigError(f"resume={run}: {'; '.join(changed)} would change what the run trains; a resumed run keeps "
+                          "its strategy, learning rate, loss and precision. Drop the override, or start a new run "
+                          "(another folder) for the change.")
     new = [argv[0], f"--config-dir={hydra_dir}", "--config-name=config", f"hydra.run.dir={_quote(str(run))}",
            f"ckpt_path={_quote(str(run / 'checkpoints' / LAST_NAME))}"]
     if (run / "split.json").is_file():
         new.append(f"data.split_file={_quote(str(run / 'split.json'))}")
     print(f"resuming {run} from {run / 'checkpoints' / LAST_NAME}", flush=True)
-    moved = moved_targets(yaml.safe_load((hydra_dir / "config.yaml").read_text()) or {})
+    moved = moved_targets(saved)
     if moved:
         print(f"resume={run}: its config names classes that have moved since; read at their new homes: "
               + ", ".join(f"{old} -> {new}" for old, new in moved.values()), flush=True)
