@@ -34,7 +34,6 @@ from PIL import Image
 from polypsam.curation import neighbours, specks
 from polypsam.data.datamodule import folder_records
 from polypsam.data.splits import make_split, write_split
-from polypsam.prompts import auto_settings
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the rows and the report beside this script
 from lite_cpu_report import write_report  # noqa: E402
@@ -74,9 +73,9 @@ class Study:
         return self.out / "rows" / row.name / (row.eval_dir if row.job else "")
 
     def settings_file(self, row: Row) -> Path:
-        """Where select_auto writes the row's chosen settings: ``<stem>.auto-<row>.json`` beside the checkpoint."""
-        best = self.run_dir(row.job) / "checkpoints" / "best.ckpt"
-        return best.with_name(f"best.auto-{row.name}.json") if row.grid else auto_settings.beside(best)
+        """Where select_auto writes the row's chosen settings (every selecting row pins its own grid):
+        ``best.auto-<row>.json`` beside the checkpoint."""
+        return self.run_dir(row.job) / "checkpoints" / f"best.auto-{row.name}.json"
 
     def shared(self) -> list[str]:
         """Overrides of every training, evaluation and selection: the data, and the fast mode's own caches."""
