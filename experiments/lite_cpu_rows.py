@@ -59,10 +59,11 @@ class Row:
 
 
 ZERO_SHOT = ("model=lite", "model.runtime=openvino", "model.runtime_precision=fp32")  # pinned, as the recipe's
+CLEAN_BOX = ("prompt.min_area=16",)  # the box of the mask's components of 16 px and more
 ROWS = (
     Row("zero_shot_box", "zero-shot, paper box (literal tight box)", evaluate=ZERO_SHOT),
     Row("zero_shot_clean_box", "zero-shot, clean box (specks under 16 px ignored)",
-        evaluate=(*ZERO_SHOT, "prompt.min_area=16")),
+        evaluate=(*ZERO_SHOT, *CLEAN_BOX)),
     Row("dec_box_s42", "decoder only, box, seed 42", "dec_box_s42"),
     Row("dec_box_s43", "decoder only, box, seed 43", "dec_box_s43"),
     Row("dec_box_s44", "decoder only, box, seed 44", "dec_box_s44"),
@@ -71,6 +72,14 @@ ROWS = (
     # which parts to train: the encoder-trained strategies on the full split, to early stop
     Row("enc_dec_box_s42", "encoders + decoder, box, full split", "enc_dec_box_s42"),
     Row("lora_box_full_s42", "LoRA (encoder) + decoder, box, full split", "lora_box_full_s42"),
+    # the same checkpoints given the clean box, so that trained and zero-shot compare under one box
+    *(Row(name, f"{label}, clean box (specks under 16 px ignored)", job, CLEAN_BOX, "eval_clean_box")
+      for name, job, label in (
+          ("dec_box_clean_s42", "dec_box_s42", "decoder only, seed 42"),
+          ("dec_box_clean_s43", "dec_box_s43", "decoder only, seed 43"),
+          ("dec_box_clean_s44", "dec_box_s44", "decoder only, seed 44"),
+          ("enc_dec_box_clean_s42", "enc_dec_box_s42", "encoders + decoder, full split"),
+          ("lora_box_full_clean_s42", "lora_box_full_s42", "LoRA (encoder) + decoder, full split"))),
     Row("dec_none", "decoder only, prompt-free (none)", "dec_mixed_s42"),
     Row("unet_s42", "U-Net baseline (smp), no prompt, 3 epochs (under-trained)", "unet_s42", model="unet"),
     Row("unet_conv_s42", "U-Net baseline (smp), no prompt, to convergence", "unet_conv_s42", model="unet"),
@@ -98,11 +107,21 @@ ROWS = (
 # baseline, an extra evaluation of a trained job, and selection on validation with a proposer from another row
 FAST_ROWS = ("zero_shot_box", "dec_box_s42", "dec_none", "dec_auto_blind_s42")
 SEEDS = ("dec_box_s42", "dec_box_s43", "dec_box_s44")
+CLEAN_SEEDS = ("dec_box_clean_s42", "dec_box_clean_s43", "dec_box_clean_s44")
+# which parts to train (the report's section): (strategy, what trains, row under the literal box, under the clean box)
+STRATEGIES = (("zero-shot", "nothing", "zero_shot_box", "zero_shot_clean_box"),
+              ("decoder only (Dec), seed 42", "mask decoder", "dec_box_s42", "dec_box_clean_s42"),
+              ("encoders + decoder (Enc-Dec)", "image encoder, prompt encoder, mask decoder", "enc_dec_box_s42",
+               "enc_dec_box_clean_s42"),
+              ("LoRA + decoder", "rank-8 adapters on the encoder's attention, prompt encoder, mask decoder",
+               "lora_box_full_s42", "lora_box_full_clean_s42"))
 BLIND_SEEDS = ("dec_auto_blind_s42", "dec_auto_blind_s43", "dec_auto_blind_s44")
 # Comparisons name rows, or DERIVED per-image tables: "dec_box" and "dec_auto_blind", the decoder-only box
 # row and the no-box headline as the per-image mean over their seeds (never one lucky seed); "dec_mixed_box", the prompt-free checkpoint given the oracle box
 # (dec_auto's per_image_box.csv), so oracle box against automatic boxes compares one checkpoint.
-PAIRS = (("what fine-tuning buys", "dec_box", "zero_shot_box"),
+PAIRS = (("what fine-tuning buys (literal box)", "dec_box", "zero_shot_box"),
+         ("what fine-tuning buys (clean box)", "dec_box_clean", "zero_shot_clean_box"),
+         ("the clean box, decoder only", "dec_box_clean", "dec_box"),
          ("no box (chosen on validation) against the U-Net alone", "dec_auto_blind", "unet_conv_s42"),
          ("no box (chosen on validation) against no box, seed 42", "dec_auto_blind_s42", "dec_none"),
          ("oracle box against the no-box headline, seed 42 (one checkpoint)", "dec_mixed_box", "dec_auto_blind_s42"),
@@ -111,6 +130,10 @@ PAIRS = (("what fine-tuning buys", "dec_box", "zero_shot_box"),
          ("LoRA against decoder only", "lora_box_s42", "dec_box"),
          ("encoders + decoder against decoder only", "enc_dec_box_s42", "dec_box"),
          ("LoRA (full split) against decoder only", "lora_box_full_s42", "dec_box"),
+         ("encoders + decoder against decoder only (clean box)", "enc_dec_box_clean_s42", "dec_box_clean"),
+         ("LoRA (full split) against decoder only (clean box)", "lora_box_full_clean_s42", "dec_box_clean"),
+         ("encoders + decoder against zero-shot (literal box)", "enc_dec_box_s42", "zero_shot_box"),
+         ("encoders + decoder against zero-shot (clean box)", "enc_dec_box_clean_s42", "zero_shot_clean_box"),
          ("SAM against a U-Net", "dec_box", "unet_conv_s42"),
          ("no box: automatic boxes against a U-Net", "dec_auto_sel", "unet_conv_s42"),
          ("no box: automatic boxes against a U-Net++", "dec_auto_sel", "unetpp_conv_s42"),
@@ -138,6 +161,7 @@ ERRATA_CAUSE = (
     "checked bit for bit (`polypsam.models.frozen`), and the embedding cache moved to format v2, so no old "
     "entry is read.")
 DERIVED = {"dec_box": "the decoder-only box row, per-image mean over the seeds it has run",
+           "dec_box_clean": "the same checkpoints given the clean box, per-image mean over the seeds",
            "dec_auto_blind": "the no-box headline (stage-1 source and settings chosen on validation), per-image "
                              "mean over the seeds it has run",
            "dec_mixed_box": "the prompt-free checkpoint (`dec_mixed_s42`) given the oracle box"}

@@ -174,3 +174,41 @@ def test_noise_verdict_only_where_a_seed_can_vary():
     assert "zs_a higher (bootstrap only: Wilcoxon p >= 0.05)" in paired_markdown([("q", "zs_a", "zs_b", weak)], None)
     tiny = weak.assign(diff=0.001, mean_a=0.901, ci_low=0.0005, ci_high=0.002)
     assert "no practical difference (under 0.005) |" in paired_markdown([("q", "zs_a", "zs_b", tiny)], None)
+
+
+def test_which_parts_to_train_sets_each_strategy_beside_decoder_only_under_the_same_box(tmp_path, monkeypatch):
+    """The report's strategy section, from the study's own committed records: the LoRA subset row's records
+    stand in for the encoder-trained row. Each strategy's paired difference is against decoder only under the
+    same box, and its cost is read from its results.json."""
+    import shutil
+    from pathlib import Path
+
+    driver = _driver(monkeypatch)
+    src = Path(__file__).resolve().parents[1] / "experiments" / "results" / "lite_cpu"
+    out = tmp_path / "results"
+    out.mkdir()
+    for notes in ("specks.json", "neighbours.json", "split.json"):
+        shutil.copy(src / notes, out / notes)
+    for row in ("zero_shot_box", "zero_shot_clean_box", "dec_box_s42", "dec_box_s43", "dec_box_s44"):
+        shutil.copytree(src / "rows" / row, out / "rows" / row)
+    shutil.copytree(src / "rows" / "lora_box_s42", out / "rows" / "enc_dec_box_s42")
+    args = ["--report-only", "--runs", str(tmp_path / "runs"), "--out", str(out), "--data", str(tmp_path)]
+    assert driver.main(args) == 0
+    report = (out / "README.md").read_text()
+    section = report.split("## Which parts to train")[1].split("\n## ")[0]
+    literal = section.split("Under the literal tight box")[1].split("Under the clean box")[0]
+    line = next(ln for ln in literal.splitlines() if ln.startswith("| encoders + decoder (Enc-Dec)"))
+    cells = [c.strip() for c in line.split("|")[1:-1]]
+    res = json.loads((out / "rows" / "enc_dec_box_s42" / "results.json").read_text())
+    steps = res["epochs"] * -(-res["data"]["train"]["used"] // res["effective_batch_size"])
+    assert cells[-2] == f"{res['fit_seconds'] / steps:.1f}"
+    assert cells[-5] == f"{res['trainable_params'] / 1e6:.2f} M"
+    rows = sys.modules["lite_cpu_rows"]
+    per_image = {n: pd.read_csv(out / "rows" / n / "eval" / "per_image.csv") for n in (*rows.SEEDS, "enc_dec_box_s42")}
+    expected = paired_comparison(per_image["enc_dec_box_s42"],
+                                 sys.modules["polypsam.reporting.study"].seed_mean([per_image[n] for n in rows.SEEDS]))
+    kvasir = expected[expected["dataset"] == "Kvasir"].iloc[0]
+    assert cells[4].startswith(f"{kvasir['diff']:+.3f} [")  # against the seed mean under the literal box
+    clean = section.split("Under the clean box")[1]
+    assert "| zero-shot |" in clean and "encoders + decoder" not in clean  # its clean-box row has not run
+    assert "| Enc-Dec | 0.902 / 0.863 | 0.921 / 0.877 |" in section  # the paper's Table 1, quoted

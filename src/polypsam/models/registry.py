@@ -65,23 +65,27 @@ def takes_prompts(net: nn.Module) -> bool:
 
 def build_model(name: str, pretrained: bool = True, checkpoint_dir: str | Path | None = None,
                 attention: str = "sdpa", gradient_checkpointing: bool = False, compile: bool = False,
-                lora: Mapping | None = None, **options) -> PromptableSAM:
+                channels_last: bool = False, lora: Mapping | None = None, **options) -> PromptableSAM:
     """Build a registered model; ``pretrained=False`` skips weight loading (weights come from a ckpt).
 
     ``lora``: the ``strategy.lora`` block; the image encoder gets peft LoRA adapters (``models.lora``).
     ``compile=True`` wraps the image encoder's forward in ``torch.compile`` in place
     (``nn.Module.compile``): parameters and state_dict keys are unchanged, so checkpoints and the
     embedding-cache fingerprint are too. Compilation happens on the first forward.
+    ``channels_last=True`` stores the image encoder's conv weights in NHWC, so its convolutions run in the
+    layout oneDNN prefers (1.45x a LiteMedSAM enc_dec step on a CPU, same loss and gradients:
+    ``benchmarks/encoder_steps.py``); values, state_dict and digests are unchanged.
     ``options``: the model's own settings (``model.encoder_name`` of a U-Net, ...).
     """
     get_spec(name)
     unknown = sorted(set(options) - set(_OPTIONS[name]))
     if unknown:
         takes = ", ".join(_OPTIONS[name]) or "none beyond pretrained, checkpoint_dir, attention, " \
-            "gradient_checkpointing, compile"
+            "gradient_checkpointing, compile, channels_last"
         raise ConfigError(f"model={name}: unknown setting(s) {', '.join(unknown)}; its own settings: {takes}.")
-    if compile not in (True, False):
-        raise ConfigError(f"model.compile={compile!r}: choose true or false.")
+    for key, value in (("compile", compile), ("channels_last", channels_last)):
+        if value not in (True, False):
+            raise ConfigError(f"model.{key}={value!r}: choose true or false.")
     net = _BUILDERS[name](pretrained=pretrained, checkpoint_dir=checkpoint_dir, **options)
     if takes_prompts(net):
         _sam_paths(net, name, attention, gradient_checkpointing)
@@ -92,6 +96,11 @@ def build_model(name: str, pretrained: bool = True, checkpoint_dir: str | Path |
             raise ConfigError(f"strategy=lora adapts a SAM image encoder; model={name} is a prompt-free baseline "
                               "that trains whole: use strategy=enc_dec.")
         apply_lora(net, lora, name)
+    if channels_last:
+        if not takes_prompts(net):
+            raise ConfigError(f"model.channels_last=true lays out a SAM image encoder; model={name} is a "
+                              "prompt-free baseline: drop the setting.")
+        net.image_encoder.to(memory_format=torch.channels_last)
     if compile:
         net.image_encoder.compile()
     return net
