@@ -28,7 +28,7 @@ def test_wheel_carries_the_configs_and_runs_from_elsewhere(tmp_path):
     for module in ("polypsam.train", "polypsam.evaluate", "polypsam.predict"):
         args = ["+experiment=tiny", "prompt=point"] if module == "polypsam.train" else ["model=tiny"]
         proc = subprocess.run([sys.executable, "-m", module, *args, "--cfg", "job"], cwd=elsewhere, env=env,
-                              capture_output=True, text=True, timeout=120)
+                              capture_output=True, text=True, timeout=400)
         assert proc.returncode == 0, proc.stderr[-2000:]
         assert "name: tiny" in proc.stdout
     proc = subprocess.run([sys.executable, "-c", "import polypsam; print(polypsam.__file__)"], cwd=elsewhere,
