@@ -82,6 +82,10 @@ class Study:
         fast = [f"paths.cache_dir={self.runs / 'cache'}", f"data.embedding_cache.dir={self.runs / 'cache' / 'emb'}"]
         return [f"data.root={self.data}", *(fast if self.fast else [])]
 
+    def fast_train(self, model: str) -> list[str]:
+        """The fast mode's limits and miniature network for a training run of ``model``; nothing otherwise."""
+        return [*FAST_TRAIN, *FAST_EVAL[:1], *FAST_MODEL[model]] if self.fast else []
+
     def call(self, module: str, *args: str) -> None:
         print(f"[lite_cpu] python -m {module} {' '.join(args)}", flush=True)
         subprocess.run([sys.executable, "-m", module, *args], check=True, cwd=REPO)
@@ -95,9 +99,8 @@ def train_job(study: Study, job: str, model: str) -> None:
     if (run / "checkpoints" / "last.ckpt").is_file():
         study.call("polypsam.train", f"resume={run}")
         return
-    fast = [*FAST_TRAIN, *FAST_EVAL[:1], *FAST_MODEL[model]] if study.fast else []
     study.call("polypsam.train", "+sweep=lite_cpu", f"+sweep/lite_cpu_jobs={job}", f"hydra.run.dir={run}",
-               f"data.split_file={study.split}", *study.shared(), *fast)
+               f"data.split_file={study.split}", *study.shared(), *study.fast_train(model))
 
 
 def run_row(study: Study, row: Row, rerun: bool = False) -> None:
@@ -136,7 +139,8 @@ def probe(study: Study, name: str) -> pd.DataFrame:
                 study.call("polypsam.train", f"resume={run}")
             else:
                 study.call("polypsam.train", "+sweep=lite_cpu", f"+sweep/lite_cpu_jobs={name}_probe", f"scratch.lr={lr}",
-                           f"hydra.run.dir={run}", f"data.split_file={study.split}", *study.shared())
+                           f"hydra.run.dir={run}", f"data.split_file={study.split}", *study.shared(),
+                           *study.fast_train("lite"))
         res = json.loads((run / "results.json").read_text())
         found.append({"lr": lr, "best_val_dice": res["best_val_dice"], "precision": res.get("precision"),
                       "fit_seconds": round(res["fit_seconds"]), "run": run.relative_to(study.runs).as_posix()})

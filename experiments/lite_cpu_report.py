@@ -20,7 +20,13 @@ from polypsam.reporting.study.report import (
     spread_markdown,
     subset_markdown,
 )
-from polypsam.reporting.study.strategies import DIFFERS, paper_markdown, row_cost, strategies_markdown
+from polypsam.reporting.study.strategies import (
+    DIFFERS,
+    paper_markdown,
+    probes_markdown,
+    row_cost,
+    strategies_markdown,
+)
 from polypsam.training.run_metrics import read_metrics
 
 # Rows trained before frozen parts were held in eval mode (issue 18): their old figures, kept for the errata
@@ -47,9 +53,14 @@ def which_parts(out: Path, results: dict[str, RowResult], per_image: dict[str, p
                 sets: list[str]) -> list[str]:
     """The section "Which parts to train": every strategy under the literal and the clean box, paired against
     decoder only (the per-image mean over its seeds) under the same box, with its cost."""
+    probes = probes_markdown(out / "probes")
+    lrs = [] if probes is None else [
+        "Each encoder-trained row's learning rate was chosen on validation: one epoch on 160 of its training images, "
+        "scored on 120 of its validation images (`python experiments/lite_cpu.py --probe <strategy>`):", "",
+        probes, ""]
     if "enc_dec_box_s42" not in results and "lora_box_full_s42" not in results:
         return ["## Which parts to train", "", "The encoder-trained rows (`enc_dec_box_s42`, `lora_box_full_s42`) "
-                "have not finished yet; see the notes below for where they stand.", ""]
+                "have not finished yet; see the notes below for where they stand.", "", *lrs]
     parts = ["## Which parts to train", "",
              "The paper's question on LiteMedSAM: the same split, box prompts, recipe and evaluation; only what "
              "trains differs. Per-image Dice and IoU at 0.5 on the test images; the difference is the paired "
@@ -68,7 +79,7 @@ def which_parts(out: Path, results: dict[str, RowResult], per_image: dict[str, p
             rows.append((label, trains, results[name].summary, row_cost(out / "rows" / name), paired))
         if rows:
             parts += [f"Under the {box}:", "", strategies_markdown(rows, sets), ""]
-    parts += ["The paper, for reference (oracle box; most likely the per-row MONAI Dice, not per-image):", "",
+    parts += [*lrs, "The paper, for reference (oracle box; most likely the per-row MONAI Dice, not per-image):", "",
               paper_markdown(sets), "", DIFFERS, ""]
     return parts
 

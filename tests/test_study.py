@@ -6,6 +6,7 @@ import sys
 import numpy as np
 import pandas as pd
 import pytest
+from omegaconf import OmegaConf
 from scipy.stats import wilcoxon
 
 from polypsam.reporting.study import paired_comparison, seed_spread
@@ -135,6 +136,27 @@ def test_the_whole_study_from_an_empty_runs_folder_in_fast_mode(small_root, tmp_
     assert list(pd.read_csv(out / "table.csv")["run"]) == [r.name for r in driver.ROWS if r.name in done]
     assert "no box: stage-1 source and settings chosen on validation, seed 42" in (out / "README.md").read_text()
     assert driver.main(args) == 0  # everything is finished: nothing is trained, selected or evaluated again
+    assert "[lite_cpu] python -m polypsam.train" not in capfd.readouterr().out
+
+
+def test_learning_rate_probes_in_fast_mode(small_root, tmp_path, monkeypatch, capfd):
+    """``--probe`` runs one short training per learning rate on the study's validation split, through the same
+    fast mode (the tiny SAM, a few images), and writes each best validation Dice; a second call trains nothing."""
+    driver = _driver(monkeypatch)
+    runs, out = tmp_path / "runs", tmp_path / "out"
+    args = ["--fast", "--probe", "enc_dec", "--runs", str(runs), "--out", str(out), "--data", str(small_root)]
+    assert driver.main(args) == 0
+    calls = [c for c in capfd.readouterr().out.splitlines() if c.startswith("[lite_cpu] python -m polypsam.train")]
+    assert len(calls) == len(driver.PROBES["enc_dec"]) and all("model=tiny" in c for c in calls)
+    table = pd.read_csv(out / "probes" / "enc_dec.csv")
+    assert table["lr"].tolist() == list(driver.PROBES["enc_dec"])
+    assert table["best_val_dice"].between(0, 1).all()
+    for run, lr in zip(table["run"], table["lr"]):
+        res = json.loads((runs / run / "results.json").read_text())
+        assert res["best_val_dice"] == table.set_index("lr").loc[lr, "best_val_dice"]
+        cfg = OmegaConf.load(runs / run / "config_resolved.yaml")
+        assert cfg.scratch.lr == lr and cfg.data.split_file == str(out / "split.json")  # the study's split
+    assert driver.main(args) == 0
     assert "[lite_cpu] python -m polypsam.train" not in capfd.readouterr().out
 
 

@@ -90,3 +90,18 @@ def paper_markdown(sets: list[str]) -> str:
     body = [[k] + [f"{v[s][0]:.3f} / {v[s][1]:.3f}" if s in v else "–" for s in sets]
             for k, v in PAPER_TABLE1.items()]
     return rep.markdown_table(head, body)
+
+
+def probes_markdown(probes: Path) -> str | None:
+    """The learning rates each encoder-trained row's probes tried (``<out>/probes/<strategy>.csv``, written by
+    ``lite_cpu.py --probe``), their best validation Dice, and the one chosen: the highest. None without probes."""
+    files = sorted(probes.glob("*.csv")) if probes.is_dir() else []
+    if not files:
+        return None
+    body = []
+    for f in files:
+        t = pd.read_csv(f)
+        best = t["best_val_dice"].idxmax()
+        body += [[f.stem, f"{r.lr:g}", f"{r.best_val_dice:.4f}", f"{r.fit_seconds / 60:.0f}",
+                  "chosen" if i == best else ""] for i, r in t.iterrows()]
+    return rep.markdown_table(["strategy", "lr", "best validation Dice", "fit min", ""], body)
