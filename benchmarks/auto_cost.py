@@ -2,7 +2,7 @@
 
     PYTHONPATH=src python -m benchmarks.auto_cost --ckpt <mixed run>/checkpoints/best.ckpt
     PYTHONPATH=src python -m benchmarks.auto_cost --ckpt <mixed best.ckpt> --proposer <U-Net run>/checkpoints/best.ckpt
-    PYTHONPATH=src python -m benchmarks.auto_cost --smoke      # LiteMedSAM zero-shot, two frames
+    PYTHONPATH=src python -m benchmarks.auto_cost --smoke      # LiteMedSAM zero-shot, one frame
 
 ``run_prediction`` end to end (decode, encode, both stages, masks and JSON written, no overlays) on the
 same ``--frames`` Kvasir test frames, one runtime (``--runtime``, default OpenVINO fp32), batch 1: seconds
@@ -73,11 +73,11 @@ def main(argv=None) -> None:
     p.add_argument("--frames", type=int, default=16)
     p.add_argument("--runtime", default="openvino", help="the frozen encoder's runtime (model.runtime)")
     p.add_argument("--precision", default="fp32", help="its precision (model.runtime_precision): fp32 or bf16")
-    p.add_argument("--smoke", action="store_true", help="two frames, nothing written to RESULTS.md")
+    p.add_argument("--smoke", action="store_true", help="one frame, nothing written to RESULTS.md")
     args = p.parse_args(argv)
     torch.set_num_threads(usable_cpus())
     net = load_model(args.ckpt)[0].eval() if args.ckpt else build_model("lite").eval()
-    n = 2 if args.smoke else args.frames
+    n = 1 if args.smoke else args.frames
     info = device_info(torch.device("cpu"))
     table = rows(net, args.ckpt, Path(args.data_root) / "TestDataset" / "Kvasir", n,
                  RuntimeSettings(args.runtime, args.precision), args.proposer,
