@@ -87,8 +87,12 @@ class Study:
         return [*FAST_TRAIN, *FAST_EVAL[:1], *FAST_MODEL[model]] if self.fast else []
 
     def call(self, module: str, *args: str) -> None:
+        """``python -m module args`` with this checkout's package first on the path: a driver in a worktree
+        pinned to a commit runs that commit, not the polypsam an editable install points at."""
         print(f"[lite_cpu] python -m {module} {' '.join(args)}", flush=True)
-        subprocess.run([sys.executable, "-m", module, *args], check=True, cwd=REPO)
+        path = os.pathsep.join(filter(None, (str(REPO / "src"), os.environ.get("PYTHONPATH"))))
+        subprocess.run([sys.executable, "-m", module, *args], check=True, cwd=REPO,
+                       env={**os.environ, "PYTHONPATH": path})
 
 
 def train_job(study: Study, job: str, model: str) -> None:

@@ -50,6 +50,18 @@ def test_git_state_outside_a_polypsam_checkout(tmp_path):
     assert git_state(other)["commit"] is None
 
 
+def test_runs_record_the_commit_of_the_checkout_polypsam_runs_from():
+    """``git_state()`` with its default names the commit of the checkout polypsam was imported from. Its
+    default once pointed at the subfolder the module lives in, and every run then recorded no commit: checked
+    by restoring that default, which fails here."""
+    import polypsam
+
+    top = Path(polypsam.__file__).resolve().parents[2]
+    if not (top / ".git").exists():
+        pytest.skip(f"polypsam is imported from {top}, not a git checkout")
+    assert git_state()["commit"] == _git(top, "rev-parse", "HEAD")
+
+
 def test_record_appends_a_session_per_call(tmp_path):
     assert read(tmp_path) == []
     first = record(tmp_path / "run")

@@ -156,6 +156,9 @@ def test_learning_rate_probes_in_fast_mode(small_root, tmp_path, monkeypatch, ca
         assert res["best_val_dice"] == table.set_index("lr").loc[lr, "best_val_dice"]
         cfg = OmegaConf.load(runs / run / "config_resolved.yaml")
         assert cfg.scratch.lr == lr and cfg.data.split_file == str(out / "split.json")  # the study's split
+        ran = json.loads((runs / run / "provenance.json").read_text())["sessions"][0]
+        assert ran["argv"][0] == str(driver.REPO / "src" / "polypsam" / "train.py")  # the driver's own checkout
+        assert ran["git"]["commit"] or not (driver.REPO / ".git").exists()  # and its commit is on record
     assert driver.main(args) == 0
     assert "[lite_cpu] python -m polypsam.train" not in capfd.readouterr().out
 

@@ -24,12 +24,13 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
+import polypsam
 from polypsam import __version__
 from polypsam.data.io import atomic_write
 from polypsam.devices import usable_cpus
 
 PROVENANCE_NAME = "provenance.json"
-PACKAGE_DIR = Path(__file__).resolve().parent
+PACKAGE_DIR = Path(polypsam.__file__).resolve().parent  # the package, wherever in it this module lives
 
 
 def _git(args: list[str], cwd: Path) -> str | None:
