@@ -130,6 +130,22 @@ def test_enc_dec_still_updates_its_batchnorm_statistics(tmp_path):
     assert not torch.equal(probe.bn_before, probe.bn_after)
 
 
+def test_norm_eval_keeps_the_batchnorm_statistics_while_its_weights_train(tmp_path):
+    """strategy.norm_eval: the encoder's BatchNorm runs in eval mode in every training batch and keeps the
+    running statistics it was built with, while its weight and bias, and the rest of the encoder, train."""
+    results, probe = _fit(tmp_path, "norm_eval", "strategy=enc_dec", "strategy.norm_eval=true")
+    assert results["epochs"] == 2
+    assert probe.modes("image_encoder.1") == {False} and probe.modes("image_encoder.0") == {True}
+    assert torch.equal(probe.bn_before, probe.bn_after)
+    fresh = build_model("tiny_bn")
+    bn = probe.module.net.image_encoder[1]
+    assert torch.equal(bn.running_var, fresh.image_encoder[1].running_var)
+    assert bn.weight.requires_grad and not torch.equal(bn.weight, fresh.image_encoder[1].weight)
+    assert probe.module.frozen.norm_eval == ["image_encoder.1"]  # held, and guarded as frozen state
+    with pytest.raises(Exception, match="strategy.norm_eval='yes'"):
+        train(_cfg(tmp_path, "bad", "strategy=enc_dec", "strategy.norm_eval=yes"))
+
+
 def test_resuming_mid_epoch_keeps_the_modes(tmp_path):
     """A run stopped after its 3rd batch (last.ckpt of optimiser step 1, mid-epoch) and resumed.
 

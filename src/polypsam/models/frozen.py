@@ -49,11 +49,16 @@ class FrozenParts:
     tensor, are the reference of every check.
     """
 
-    def __init__(self, net: nn.Module, names: Sequence[str]):
+    def __init__(self, net: nn.Module, names: Sequence[str], norm_eval: Sequence[str] = ()):
         self.names = list(names)
+        self.norm_eval = list(norm_eval)  # trainable BatchNorms held in eval mode (strategy.norm_eval)
         holder: dict[int, str] = {}  # id of a frozen tensor -> the frozen part holding it (the first listed)
         for name, m in reversed(self.modules(net)):
             holder |= {id(t): name for t in module_state(m)}
+        mods = dict(net.named_modules())
+        for name in self.norm_eval:  # their running statistics are frozen state; weight and bias train
+            for t in mods[name].buffers():
+                holder.setdefault(id(t), name)
         for name, p in net.named_parameters():
             if not p.requires_grad:
                 holder.setdefault(id(p), name)
@@ -66,10 +71,12 @@ class FrozenParts:
         return [(n, mods[n]) for n in self.names]
 
     def set_training_modes(self, net: nn.Module) -> None:
-        """Trainable parts in train mode, frozen parts (and everything inside them) in eval mode."""
+        """Trainable parts in train mode, frozen parts (and everything inside them) and the ``norm_eval``
+        BatchNorms in eval mode."""
         net.train()
-        for _, m in self.modules(net):
-            m.eval()
+        mods = dict(net.named_modules())
+        for name in (*self.names, *self.norm_eval):
+            mods[name].eval()
 
     def digests(self, net: nn.Module) -> dict[str, str]:
         """The digest of each frozen tensor, by its name in ``net.state_dict()``."""
@@ -105,3 +112,10 @@ class FrozenParts:
                 "by a run whose frozen parts drifted (its best checkpoint is then not the model its "
                 "validation scored). Resume with the weights the run started from (model, "
                 "model.checkpoint_dir), or start a new run from the pretrained weights.")
+
+
+def trainable_batchnorms(net: nn.Module) -> list[str]:
+    """The BatchNorm modules of ``net`` whose weight or bias trains (``strategy.norm_eval`` holds them in eval
+    mode: normalising with, and keeping, their pretrained running statistics; mmseg's ``norm_eval``)."""
+    return [name for name, m in net.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+            and any(p.requires_grad for p in m.parameters(recurse=False))]

@@ -56,13 +56,15 @@ class PolypSAMModule(L.LightningModule):
                  betas: tuple[float, float] = (0.9, 0.999), warmup_fraction: float = 0.15,
                  warmup_start_factor: float = 0.125, min_lr_factor: float = 0.25,
                  frozen_modules: list[str] | None = None, embedding_cache: EmbeddingCache | None = None,
-                 run_config: dict | None = None, frozen_encoder: FrozenEncoder | None = None):
+                 run_config: dict | None = None, frozen_encoder: FrozenEncoder | None = None,
+                 norm_eval_modules: list[str] | None = None):
         super().__init__()
         self.save_hyperparameters(ignore=["net", "embedding_cache", "run_config", "frozen_encoder"])
         self.net = net
         self.loss_fn = SegmentationLoss(loss)
         self.frozen_modules = list(frozen_modules or [])
-        self.frozen = FrozenParts(net, self.frozen_modules)  # reference: the network as built, not a restore
+        # reference: the network as built, not a restore
+        self.frozen = FrozenParts(net, self.frozen_modules, norm_eval_modules or ())
         self.embedding_cache = embedding_cache
         # the frozen encoder's no-grad passes (cache fill): torch, or model.runtime's (polypsam.runtime)
         self.frozen_encoder = frozen_encoder or TorchEncoder(net)
