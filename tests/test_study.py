@@ -217,6 +217,7 @@ def test_which_parts_to_train_sets_each_strategy_beside_decoder_only_under_the_s
     for row in ("zero_shot_box", "zero_shot_clean_box", "dec_box_s42", "dec_box_s43", "dec_box_s44"):
         shutil.copytree(src / "rows" / row, out / "rows" / row)
     shutil.copytree(src / "rows" / "lora_box_s42", out / "rows" / "enc_dec_box_s42")
+    shutil.copytree(src / "probes", out / "probes")
     args = ["--report-only", "--runs", str(tmp_path / "runs"), "--out", str(out), "--data", str(tmp_path)]
     assert driver.main(args) == 0
     report = (out / "README.md").read_text()
@@ -237,3 +238,7 @@ def test_which_parts_to_train_sets_each_strategy_beside_decoder_only_under_the_s
     clean = section.split("Under the clean box")[1]
     assert "| zero-shot |" in clean and "encoders + decoder" not in clean  # its clean-box row has not run
     assert "| Enc-Dec | 0.902 / 0.863 | 0.921 / 0.877 |" in section  # the paper's Table 1, quoted
+    lora = pd.read_csv(src / "probes" / "lora.csv")  # the learning rates tried, the best one marked
+    best = lora.loc[lora["best_val_dice"].idxmax()]
+    assert f"| lora | {best['lr']:g} | {best['best_val_dice']:.4f} | {best['fit_seconds'] / 60:.0f} | chosen |" in section
+    assert section.count("| lora |") == len(lora) and section.count("chosen |") == len(list((src / "probes").glob("*.csv")))
