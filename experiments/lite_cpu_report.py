@@ -6,7 +6,18 @@ import json
 from pathlib import Path
 
 import pandas as pd
-from lite_cpu_rows import BLIND_SEEDS, CLEAN_SEEDS, DERIVED, ERRATA_CAUSE, PAIRS, ROWS, SEEDS, STRATEGIES, Row
+from lite_cpu_rows import (
+    BLIND_SEEDS,
+    CLEAN_SEEDS,
+    DERIVED,
+    ERRATA_CAUSE,
+    PAIRS,
+    PROBE_ROWS,
+    ROWS,
+    SEEDS,
+    STRATEGIES,
+    Row,
+)
 
 from polypsam import compare
 from polypsam.reporting.study import paired_comparison, seed_mean, seed_spread, subset_means
@@ -53,10 +64,11 @@ def which_parts(out: Path, results: dict[str, RowResult], per_image: dict[str, p
                 sets: list[str]) -> list[str]:
     """The section "Which parts to train": every strategy under the literal and the clean box, paired against
     decoder only (the per-image mean over its seeds) under the same box, with its cost."""
-    probes = probes_markdown(out / "probes")
+    probes = probes_markdown(out / "probes", PROBE_ROWS)
     lrs = [] if probes is None else [
-        "Each encoder-trained row's learning rate was chosen on validation: one epoch on 160 of its training images, "
-        "scored on 120 of its validation images (`python experiments/lite_cpu.py --probe <strategy>`):", "",
+        "Each encoder-trained row's learning rate (and, for encoders + decoder, whether the encoder's BatchNorm "
+        "statistics are held: `strategy.norm_eval`) is chosen on validation: one epoch on 160 of its training "
+        "images, scored on 120 of its validation images (`python experiments/lite_cpu.py --probe <probe>`):", "",
         probes, ""]
     if "enc_dec_box_s42" not in results and "lora_box_full_s42" not in results:
         return ["## Which parts to train", "", "The encoder-trained rows (`enc_dec_box_s42`, `lora_box_full_s42`) "
