@@ -68,7 +68,8 @@ def which_parts(out: Path, results: dict[str, RowResult], per_image: dict[str, p
     lrs = [] if probes is None else [
         "Each encoder-trained row's learning rate (and, for encoders + decoder, whether the encoder's BatchNorm "
         "statistics are held: `strategy.norm_eval`) is chosen on validation: one epoch on 160 of its training "
-        "images, scored on 120 of its validation images (`python experiments/lite_cpu.py --probe <probe>`):", "",
+        "images, scored on 120 of its validation images (`python experiments/lite_cpu.py --probe <probe>`); the "
+        "best of a row's probes goes into its config once they have all run:", "",
         probes, ""]
     if "enc_dec_box_s42" not in results and "lora_box_full_s42" not in results:
         return ["## Which parts to train", "", "The encoder-trained rows (`enc_dec_box_s42`, `lora_box_full_s42`) "

@@ -241,7 +241,7 @@ def test_which_parts_to_train_sets_each_strategy_beside_decoder_only_under_the_s
     assert "| Enc-Dec | 0.902 / 0.863 | 0.921 / 0.877 |" in section  # the paper's Table 1, quoted
     lora = pd.read_csv(src / "probes" / "lora.csv")  # the learning rates tried, the best one marked
     best = lora.loc[lora["best_val_dice"].idxmax()]
-    line = f"| lora | {best['lr']:g} | {best['best_val_dice']:.4f} | {best['fit_seconds'] / 60:.0f} | chosen |"
+    line = f"| lora | {best['lr']:g} | {best['best_val_dice']:.4f} | {best['fit_seconds'] / 60:.0f} | best |"
     assert f"| lora_box_full_s42 {line}" in section and section.count("| lora |") == len(lora)
     rows = set(sys.modules["lite_cpu_rows"].PROBE_ROWS.values())
-    assert section.count("| chosen |") == len(rows)  # one choice per row, over all the probes that serve it
+    assert section.count("| best |") == len(rows)  # one choice per row, over all the probes that serve it

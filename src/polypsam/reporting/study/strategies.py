@@ -95,7 +95,7 @@ def paper_markdown(sets: list[str]) -> str:
 def probes_markdown(probes: Path, rows: dict[str, str]) -> str | None:
     """The learning rates (and variants) each encoder-trained row's probes tried (``<out>/probes/<probe>.csv``,
     written by ``lite_cpu.py --probe``; ``rows``: probe -> the row it chooses for), their best validation Dice,
-    and the one chosen for each row: the highest over all its probes. None without probes."""
+    and the best for each row over all its probes (what its config takes once they have run). None without probes."""
     tables = {f.stem: pd.read_csv(f) for f in sorted(probes.glob("*.csv"))} if probes.is_dir() else {}
     if not tables:
         return None
@@ -105,6 +105,6 @@ def probes_markdown(probes: Path, rows: dict[str, str]) -> str | None:
         if row not in best or t["best_val_dice"].max() > best[row][1]:
             best[row] = (name, t["best_val_dice"].max())
     body = [[rows.get(name, name), name, f"{r.lr:g}", f"{r.best_val_dice:.4f}", f"{r.fit_seconds / 60:.0f}",
-             "chosen" if best[rows.get(name, name)] == (name, r.best_val_dice) else ""]
+             "best" if best[rows.get(name, name)] == (name, r.best_val_dice) else ""]
             for name, t in tables.items() for _, r in t.iterrows()]
     return rep.markdown_table(["row", "probe", "lr", "best validation Dice", "fit min", ""], body)
