@@ -125,9 +125,21 @@ def test_frozen_parts_run_in_eval_mode_and_stay_bit_identical(tmp_path, strategy
 
 
 def test_enc_dec_still_updates_its_batchnorm_statistics(tmp_path):
-    _, probe = _fit(tmp_path, "enc_dec", "strategy=enc_dec")
+    """... and experiments/encoder_bn_check.py, which tells what moved (statistics or weights), validates the
+    run's best checkpoint as the run did: the same validation Dice."""
+    import importlib.util
+
+    results, probe = _fit(tmp_path, "enc_dec", "strategy=enc_dec")
     assert probe.modes("image_encoder.1") == {True}  # the stem's BatchNorm trains with the encoder
     assert not torch.equal(probe.bn_before, probe.bn_after)
+    spec = importlib.util.spec_from_file_location(
+        "encoder_bn_check", Path(__file__).resolve().parents[1] / "experiments" / "encoder_bn_check.py")
+    check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(check)
+    out = check.main([str(tmp_path / "enc_dec")])
+    assert out["moved"]["bn_running_mean"] > 0 and out["moved"]["weights"] > 0
+    assert out["val_dice"]["trained"] == pytest.approx(results["best_val_dice"], abs=1e-6)
+    assert set(out["val_dice"]) == {"zero-shot", "trained", "trained, pretrained BatchNorm statistics"}
 
 
 def test_norm_eval_keeps_the_batchnorm_statistics_while_its_weights_train(tmp_path):
