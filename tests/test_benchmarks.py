@@ -83,6 +83,7 @@ def test_auto_cost_smoke(real_root):
     assert ratio > 0
 
 
+@pytest.mark.slow  # a subprocess
 def test_encoder_steps_smoke():
     """Each variant is timed against the plain step and checked against its loss and gradient norm."""
     out = _run("encoder_steps")
@@ -93,6 +94,7 @@ def test_encoder_steps_smoke():
     assert float(rows["enc_dec channels_last"][3]) < 1e-4  # the same gradients in the other layout
 
 
+@pytest.mark.slow  # a subprocess
 def test_cpu_bf16_smoke():
     out = _run("cpu_bf16")
     for label in ("tiny dec cached emb, batch 2", "U-Net 64 px, batch 2"):

@@ -273,6 +273,7 @@ def _check_outputs(ev: Path, root: Path):
     return per, summary, md
 
 
+@pytest.mark.slow  # reads the CLI runs of tiny_run (two subprocesses)
 def test_training_ends_with_the_evaluation(tiny_eval):
     root, run, _ = tiny_eval
     per, summary, _ = _check_outputs(run / "eval", root)
@@ -286,6 +287,7 @@ def test_training_ends_with_the_evaluation(tiny_eval):
     assert per["dice"].tolist() == per["dice_noise_0"].tolist()  # the oracle box is the sweep's 0 point
 
 
+@pytest.mark.slow  # reads the CLI runs of tiny_run (two subprocesses)
 def test_evaluate_cli_writes_every_output(tiny_eval, tiny_run):
     root, run, ev = tiny_eval
     per, _, md = _check_outputs(ev, root)
@@ -309,6 +311,7 @@ def test_evaluate_cli_writes_every_output(tiny_eval, tiny_run):
     assert b".mask.png" in next(runs[0].glob("run-*.wandb")).read_bytes()  # the per-image masks
 
 
+@pytest.mark.slow  # reads the CLI runs of tiny_run (two subprocesses)
 def test_compare_merges_runs(tiny_eval, tmp_path, capsys):
     _, run, ev = tiny_eval
     assert compare_main([str(run), str(ev), "--out", str(tmp_path)]) == 0

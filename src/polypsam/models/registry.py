@@ -154,6 +154,8 @@ def _build_sam_vit(name: str, pretrained: bool, checkpoint_dir, image_size: int 
                               "(its patch size).")
         spec = replace(spec, name=f"{name}@{image_size}", image_size=image_size, embedding_size=image_size // 16,
                        description=f"{name} at {image_size} px")
+    # found before the weights are allocated: a missing file is reported at once, not after building ViT-H
+    path = resolve_checkpoint(name, checkpoint_dir) if pretrained else None
     v, grid = _VIT[name], spec.embedding_size
     encoder = ImageEncoderViT(
         img_size=image_size, patch_size=16, embed_dim=v["embed_dim"], depth=v["depth"], num_heads=v["num_heads"],
@@ -165,8 +167,7 @@ def _build_sam_vit(name: str, pretrained: bool, checkpoint_dir, image_size: int 
                           iou_head_hidden_dim=256,
                           transformer=TwoWayTransformer(depth=2, embedding_dim=256, mlp_dim=2048, num_heads=8))
     net = PromptableSAM(encoder, prompt, decoder, spec)
-    if pretrained:
-        path = resolve_checkpoint(name, checkpoint_dir)
+    if path is not None:
         state = _load_state(path, f"the SAM {name} checkpoint")
         missing, unexpected = net.load_state_dict(state, strict=False)
         if missing or unexpected:
