@@ -5,6 +5,7 @@ import csv
 import hashlib
 import json
 import re
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from polypsam.data.splits import split_digest, write_split
 from polypsam.evaluation import EvalSettings, evaluate_model
 from polypsam.models import build_model
 from polypsam.reporting.provenance import PROVENANCE_NAME, git_state, read, record
+from polypsam.reporting.study.strategies import row_cost
 
 
 def _git(cwd: Path, *args: str) -> str:
@@ -213,3 +215,22 @@ def test_an_older_evaluation_takes_the_digest_another_recorded_for_its_checkpoin
         assert {r["checkpoint_sha256"] for r in csv.DictReader(f)} == {hashlib.sha256(b"weights").hexdigest()}
     with open(alone / "provenance.csv") as f:
         assert next(csv.DictReader(f))["checkpoint_sha256"] == ""
+
+
+def test_a_run_resumed_over_sessions_reports_its_whole_training_time(two_rows, tmp_path):
+    """results.json's fit over every session (the timer travels in the checkpoint: tests/test_resume.py) is the
+    table's training time and the strategy table's hours; a run with its last session's only gets no hours."""
+    tmp, run = two_rows
+    runs = tmp_path / "runs"
+    shutil.copytree(tmp / "zs", tmp_path / "zs")
+    shutil.copytree(run, runs / "dec")
+    res = json.loads((runs / "dec" / "results.json").read_text())
+    assert row_cost(runs / "dec").hours is None  # resumed once, before the sessions were recorded
+    res.update(fit_seconds_all_sessions=7200.0, epochs=2, effective_batch_size=16, data={"train": {"used": 160}},
+               fit_sessions=[{"cpu": "AMD EPYC", "seconds": 3600.0}, {"cpu": "AMD EPYC", "seconds": 3600.0}])
+    (runs / "dec" / "results.json").write_text(json.dumps(res))
+    assert compare_main([str(tmp_path / "zs"), str(runs / "dec"), "--out", str(tmp_path / "report")]) == 0
+    md = (tmp_path / "report" / "provenance.md").read_text()
+    assert "2:00:23 (2 sessions)" in md and "last session" not in md
+    cost = row_cost(runs / "dec")
+    assert cost.hours == pytest.approx(2.0) and cost.s_per_step == pytest.approx(7200 / 20)

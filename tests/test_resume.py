@@ -22,6 +22,7 @@ from polypsam.cli import describe_failure, oom_message
 from polypsam.config import CONF_DIR
 from polypsam.data.sampler import EpochShuffleSampler
 from polypsam.errors import CheckpointError, ConfigError, PolypSamError, TrainingDiverged
+from polypsam.reporting.provenance import hardware
 from polypsam.train import train
 from polypsam.training.resume import resume_argv
 from polypsam.training.run_metrics import read_metrics
@@ -126,6 +127,14 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(work, baseline):
     started = yaml.safe_load((run / ".hydra" / "original_overrides.yaml").read_text())
     assert "+callbacks.fault.kind=sigkill" in started
     _assert_same_end(run, baseline)
+    # the fit's wall time travels in the checkpoint: both sessions, each with its CPU (the study's training
+    # hours); without the timer's state in last.ckpt the resumed run would list one session and no total
+    res = json.loads((run / "results.json").read_text())
+    assert [s["cpu"] for s in res["fit_sessions"]] == [hardware()["cpu"]] * 2
+    assert all(s["seconds"] > 0 for s in res["fit_sessions"]) and len(res["epoch_seconds"]) == 3
+    assert res["fit_seconds_all_sessions"] == pytest.approx(sum(s["seconds"] for s in res["fit_sessions"]))
+    once = json.loads((baseline / "results.json").read_text())
+    assert len(once["fit_sessions"]) == 1 and once["fit_seconds_all_sessions"] <= once["fit_seconds"]
     # the epochs logged before the kill survive the resume (Lightning's CSVLogger would delete them)
     assert (run / "csv" / "metrics.part0.csv").is_file()
     got, want = (read_metrics(d / "csv").dropna(subset=["val/dice"]) for d in (run, baseline))

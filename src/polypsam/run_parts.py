@@ -151,8 +151,12 @@ def fit(cfg: DictConfig, out: Path, parts: Parts, precision: str) -> dict:
     trainer.fit(module, datamodule=dm, ckpt_path=cfg.get("ckpt_path"))
     results["fit_seconds"] = time.perf_counter() - t0
     timer = next((c for c in parts.callbacks if isinstance(c, EpochTimer)), None)
-    if timer is not None and timer.durations:
-        results["epoch_seconds"] = timer.durations
+    if timer is not None:
+        if timer.durations:
+            results["epoch_seconds"] = timer.durations
+        results["fit_sessions"] = timer.sessions()  # a run resumed over several sessions: each one's CPU and time
+        if timer.complete:
+            results["fit_seconds_all_sessions"] = sum(s["seconds"] for s in results["fit_sessions"])
     ckpt_cb = trainer.checkpoint_callback
     results["best_checkpoint"] = ckpt_cb.best_model_path if ckpt_cb is not None else ""
     results["best_val_dice"] = float(ckpt_cb.best_model_score) if ckpt_cb is not None and \

@@ -86,8 +86,9 @@ def _results(run: Path | None) -> dict:
 
 
 def _train_seconds(res: dict) -> float | None:
-    parts = [res.get("fit_seconds"), res.get("zero_shot_val_seconds")]
-    return sum(float(p) for p in parts if p is not None) if res.get("fit_seconds") is not None else None
+    """The fit over every session that resumed it where the run recorded them all, else its last session's."""
+    fit = res.get("fit_seconds_all_sessions", res.get("fit_seconds"))
+    return float(fit) + float(res.get("zero_shot_val_seconds") or 0) if fit is not None else None
 
 
 def _train_precision(res: dict, config: Path | None) -> str | None:
@@ -134,6 +135,7 @@ def provenance_rows(named_evaluations: list[tuple[str, dict]]) -> pd.DataFrame:
             "train_commit": train["commit"], "eval_commit": ev["commit"],
             "train_hardware": train["hardware"], "eval_hardware": ev["hardware"],
             "train_sessions": train["sessions"] if run else None,
+            "train_seconds_all_sessions": "fit_seconds_all_sessions" in res,
             "train_precision": _train_precision(res, config) if run else None,
             "eval_precision": e["meta"].get("precision"),
             "train_encoder_runtime": _train_encoder(res),
@@ -176,12 +178,14 @@ def _commit(value) -> str:
     return re.sub(r"\b([0-9a-f]{10})[0-9a-f]{30}\b", r"\1", _short(value, 400))
 
 
-def _duration(seconds, sessions=None) -> str:
+def _duration(seconds, sessions=None, all_sessions=False) -> str:
     if seconds is None or pd.isna(seconds):
         return MISSING
     h, rest = divmod(int(round(float(seconds))), 3600)
     text = f"{h}:{rest // 60:02d}:{rest % 60:02d}"
-    return text + (" (last session)" if sessions and sessions > 1 else "")
+    if sessions and sessions > 1:
+        text += f" ({sessions} sessions)" if all_sessions else " (last session)"
+    return text
 
 
 def provenance_markdown(table: pd.DataFrame, out: str | Path) -> str:
@@ -203,7 +207,7 @@ def provenance_markdown(table: pd.DataFrame, out: str | Path) -> str:
             f"{_short(r['train_hardware'], 80)} / {_short(r['eval_hardware'], 80)}",
             f"{_short(r['train_precision'])} / {_short(r['eval_precision'])}",
             f"{_short(r['train_encoder_runtime'], 80)} / {_short(r['eval_encoder_runtime'], 80)}",
-            _duration(r["train_seconds"], r["train_sessions"]), _duration(r["eval_seconds"])])
+            _duration(r["train_seconds"], r["train_sessions"], r["train_seconds_all_sessions"]), _duration(r["eval_seconds"])])
     return (markdown_table(headers, rows, align=["l"] * 9 + ["r", "r"])
             + "\n\nDigests are the first 12 hex digits (full ones in provenance.csv); a split's digest covers its "
               "train and val lists only, so runs on the same images share it; commits the first 10, "

@@ -44,12 +44,13 @@ def row_cost(row_dir: Path) -> Cost:
     if not res.is_file():
         return Cost(None, None, None, None, "–")
     r = json.loads(res.read_text())
-    fit, epochs = r.get("fit_seconds"), r.get("epochs")
-    used = r.get("data", {}).get("train", {}).get("used")
-    steps = epochs * math.ceil(used / r["effective_batch_size"]) if fit and epochs and used else None
     prov = row_dir / "provenance.json"
     sessions = json.loads(prov.read_text()).get("sessions", []) if prov.is_file() else []
     cpus = sorted({s.get("hardware", {}).get("cpu", "?") for s in sessions})
+    # every session's fit; a run resumed before the sessions were recorded has only its last one's: no figure
+    fit = r.get("fit_seconds_all_sessions", r.get("fit_seconds") if len(sessions) <= 1 else None)
+    epochs, used = r.get("epochs"), r.get("data", {}).get("train", {}).get("used")
+    steps = epochs * math.ceil(used / r["effective_batch_size"]) if fit and epochs and used else None
     return Cost(r.get("trainable_params"), fit / 3600 if fit else None, epochs,
                 fit / steps if steps else None, ", ".join(cpus) or "–")
 
