@@ -132,6 +132,7 @@ def test_failure_after_fit_names_checkpoints_and_resume_keeps_zero_shot(demo, tm
         assert proc.poll() is None and time.monotonic() - t0 < 300, "training ended before it paused"
         time.sleep(0.1)
     _shrink_masks(masks)
+    marker.unlink()  # releases the pause: training ends and the evaluation after fit reads the shrunk masks
     out, err = proc.communicate(timeout=600)
     assert proc.returncode == 2, err[-3000:]
     line = [ln for ln in err.splitlines() if ln.startswith("error: ")]

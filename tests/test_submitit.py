@@ -31,7 +31,8 @@ def test_local_submitit_launcher_runs_a_tiny_ddp_job(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "polypsam.train", "-m", "hydra/launcher=local",
                              "+experiment=tiny", "trainer.devices=2", "trainer.strategy=ddp",
                              "trainer.accelerator=cpu",
-                             f"paths.root_dir={tmp_path}", f"hydra.sweep.dir={sweep}"],
+                             f"paths.root_dir={tmp_path}", f"hydra.sweep.dir={sweep}",
+                             "test_after_training=false"],  # the evaluation after training is tested elsewhere
                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, f"{out[-3000:]}\n{err[-5000:]}"

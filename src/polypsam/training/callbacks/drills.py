@@ -23,7 +23,7 @@ class InjectFault(L.Callback):
 
     ``at_batch`` counts training batches over the whole run (1 = the first). Kinds: ``sigkill`` (the
     process kills itself with SIGKILL after that batch), ``pause`` (writes ``marker`` and waits up to
-    ``wait_s`` seconds, or until SIGTERM, so a test can signal it at a known point), ``nan_grad``
+    ``wait_s`` seconds, until SIGTERM, or until the marker is removed, so a test can act at a known point), ``nan_grad``
     (the gradients of that batch's optimiser step become NaN), ``oom`` (raises ``torch.OutOfMemoryError``
     at the start of that batch), ``frozen_write`` (adds 1 to the first buffer, else parameter, of the first
     frozen part after that batch, as a bug that writes to a frozen part would).
@@ -67,5 +67,7 @@ class InjectFault(L.Callback):
             stopper = next((c for c in trainer.callbacks if isinstance(c, LastCheckpoint)), None)
             while time.monotonic() - t0 < self.wait_s:
                 if (stopper is not None and stopper.stop_requested) or trainer.received_sigterm:
+                    break
+                if self.marker and not Path(self.marker).exists():  # released by whoever waited for it
                     break
                 time.sleep(0.05)
