@@ -1,7 +1,9 @@
 """The study layer: paired comparisons on the same images, the seed spread, the figures and the report."""
 
 import json
+import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -58,8 +60,6 @@ def test_figures_draw_every_row(tmp_path):
 def _driver(monkeypatch):
     """experiments/lite_cpu.py, the study's driver (a script, not part of the package)."""
     import importlib.util
-    import sys
-    from pathlib import Path
 
     path = Path(__file__).resolve().parents[1] / "experiments" / "lite_cpu.py"
     spec = importlib.util.spec_from_file_location("lite_cpu_driver", path)
@@ -245,3 +245,27 @@ def test_which_parts_to_train_sets_each_strategy_beside_decoder_only_under_the_s
     assert f"| lora_box_full_s42 {line}" in section and section.count("| lora |") == len(lora)
     rows = set(sys.modules["lite_cpu_rows"].PROBE_ROWS.values())
     assert section.count("| best |") == len(rows)  # one choice per row, over all the probes that serve it
+
+
+def test_pinned_script_runs_the_driver_of_its_commit_from_a_worktree(small_root, tmp_path):
+    """experiments/pinned.sh: a worktree at the commit (made, then reused), the driver run from it (its fast
+    split written), and a worktree at another commit refused with one line."""
+    repo = Path(__file__).resolve().parents[1]
+    head = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True)
+    if head.returncode != 0 or not (repo / ".git").exists():
+        pytest.skip("not a git checkout of polypsam")
+    wt, runs, out = tmp_path / "wt", tmp_path / "runs", tmp_path / "out"
+    cmd = ["bash", str(repo / "experiments" / "pinned.sh"), "HEAD", str(wt), str(runs), "--fast", "--report-only",
+           "--out", str(out), "--data", str(small_root)]
+    try:
+        for _ in range(2):  # made, then reused
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+            assert proc.returncode == 0, proc.stderr[-2000:]
+            assert "[pinned] " in proc.stdout and head.stdout.strip()[:10] in proc.stdout
+        wt_head = subprocess.run(["git", "-C", str(wt), "rev-parse", "HEAD"], capture_output=True, text=True)
+        assert wt_head.stdout == head.stdout and (out / "split.json").is_file()
+        other = subprocess.run(["bash", str(repo / "experiments" / "pinned.sh"), "HEAD~1", str(wt), str(runs)],
+                               capture_output=True, text=True, timeout=60)
+        assert other.returncode == 2 and f"error: {wt} is at {head.stdout.strip()}" in other.stderr
+    finally:
+        subprocess.run(["git", "-C", str(repo), "worktree", "remove", "--force", str(wt)], capture_output=True)
