@@ -51,6 +51,8 @@ class AutoBatch:
         self._boxes: dict[tuple[int, bytes], tuple[torch.Tensor, float]] = {}  # one box's logits and IoU
         self._decoded: dict[tuple[int, bytes], Prediction] = {}
         self._parts: dict[tuple[int, float, float, int, bytes], tuple[float, float]] = {}
+        self._proposals: dict[tuple, Proposals] = {}  # per image and the settings proposals depend on
+        self._tight: dict[tuple[int, bytes], np.ndarray] = {}  # a box -> the tight box of its own stage-2 mask
 
     def stage1_prob(self, j: int, blend: float) -> np.ndarray:
         """Image j's stage-1 probability: blend x the proposer's + (1 - blend) x the refiner's own (the same
@@ -73,6 +75,14 @@ class AutoBatch:
         if key not in self._components:
             self._components[key] = prompt.components(self.stage1_prob(j, prompt.blend))
         return self._components[key]
+
+    def proposals(self, j: int, prompt: AutoPrompt) -> Proposals:
+        """Image j's proposals: the settings that score and keep them (most of a selection grid) share them."""
+        key = (j, prompt.threshold, prompt.blend, prompt.min_area, prompt.min_score, prompt.margin,
+               prompt.margin_px, prompt.max_boxes)
+        if key not in self._proposals:
+            self._proposals[key] = prompt.proposals(self.components(j, prompt))
+        return self._proposals[key]
 
     def _decode_boxes(self, requests: list[tuple[int, np.ndarray]]) -> None:
         """Each (image, box) of the requests not decoded before, in one decoder pass. The prompts of a set
@@ -126,20 +136,19 @@ class AutoBatch:
     def rebox(self, picks: list[tuple[np.ndarray, np.ndarray]]) -> list[tuple[np.ndarray, np.ndarray]]:
         """One box -> mask -> box round: per image, each box becomes the tight box of its own stage-2 mask
         (the box stays when that mask is empty); the scores stay with their boxes."""
-        alone = iter(self.decode([(j, b[None]) for j, (boxes, _) in enumerate(picks) for b in boxes]))
-        out = []
-        for boxes, scores in picks:
-            tight = [box_from_mask(next(alone).prob > MASK_THRESHOLD) for _ in boxes]
-            new = [b if t is None else t for b, t in zip(boxes, tight)]
-            out.append((np.asarray(new, np.float32).reshape(-1, 4), scores))
-        return out
+        todo = [(j, b) for j, (boxes, _) in enumerate(picks) for b in boxes if (j, b.tobytes()) not in self._tight]
+        for (j, b), pred in zip(todo, self.decode([(j, b[None]) for j, b in todo])):  # one decoder pass
+            tight = box_from_mask(pred.prob > MASK_THRESHOLD)
+            self._tight[(j, b.tobytes())] = b if tight is None else np.asarray(tight, np.float32)
+        return [(np.asarray([self._tight[(j, b.tobytes())] for b in boxes], np.float32).reshape(-1, 4), scores)
+                for j, (boxes, scores) in enumerate(picks)]
 
     def refine(self, prompt: AutoPrompt) -> list[Prediction]:
         """Stage 2 under ``prompt``'s settings: per image the kept boxes, their scores and merged mask."""
         picks = []
         for j in range(len(self.proposal)):
             comps = self.components(j, prompt)
-            props = prompt.proposals(comps)
+            props = self.proposals(j, prompt)
             agreement = iou = None
             if prompt.scores_after_refinement and len(props.ids):
                 agreement, iou = self._score_parts(j, prompt, comps, props)
