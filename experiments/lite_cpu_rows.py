@@ -78,6 +78,8 @@ ROWS = (
           ("dec_box_clean_s42", "dec_box_s42", "decoder only, seed 42"),
           ("dec_box_clean_s43", "dec_box_s43", "decoder only, seed 43"),
           ("dec_box_clean_s44", "dec_box_s44", "decoder only, seed 44"),
+          ("dec_jitter_clean_s42", "dec_jitter_s42", "decoder only, jittered boxes"),
+          ("lora_box_clean_s42", "lora_box_s42", "LoRA (encoder) + decoder (120-image subset, 3 epochs)"),
           ("enc_dec_box_clean_s42", "enc_dec_box_s42", "encoders + decoder, full split"),
           ("lora_box_full_clean_s42", "lora_box_full_s42", "LoRA (encoder) + decoder, full split"))),
     Row("dec_none", "decoder only, prompt-free (none)", "dec_mixed_s42"),
