@@ -60,13 +60,3 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "real_root" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.slow)
-    # pytest-xdist (--dist loadfile) hands whole files to its two workers in collection order; the longest
-    # files go first (seconds each on a 2-core EPYC, 2026-12-07), so that neither worker is left running one
-    # of them alone at the end. A stable sort: every other file, and the tests within each, keep their order.
-    first = {name: i for i, name in enumerate(LONGEST_FILES)}
-    items.sort(key=lambda item: first.get(item.path.name, len(first)))
-
-
-LONGEST_FILES = ("test_config_checks.py", "test_ddp.py", "test_study.py", "test_train.py", "test_evaluate.py",
-                 "test_resume.py", "test_benchmarks.py", "test_models.py", "test_frozen_real.py", "test_select_auto.py",
-                 "test_submitit.py")
