@@ -207,7 +207,8 @@ def provenance_markdown(table: pd.DataFrame, out: str | Path) -> str:
             f"{_short(r['train_hardware'], 80)} / {_short(r['eval_hardware'], 80)}",
             f"{_short(r['train_precision'])} / {_short(r['eval_precision'])}",
             f"{_short(r['train_encoder_runtime'], 80)} / {_short(r['eval_encoder_runtime'], 80)}",
-            _duration(r["train_seconds"], r["train_sessions"], r["train_seconds_all_sessions"]), _duration(r["eval_seconds"])])
+            _duration(r["train_seconds"], r["train_sessions"], r["train_seconds_all_sessions"]),
+            _duration(r["eval_seconds"])])
     return (markdown_table(headers, rows, align=["l"] * 9 + ["r", "r"])
             + "\n\nDigests are the first 12 hex digits (full ones in provenance.csv); a split's digest covers its "
               "train and val lists only, so runs on the same images share it; commits the first 10, "
