@@ -12,7 +12,9 @@
 set -euo pipefail
 [ $# -ge 3 ] || { echo "usage: $0 COMMIT WORKTREE RUNS [driver args...]" >&2; exit 2; }
 repo=$(cd "$(dirname "$0")/.." && pwd)
-commit=$(git -C "$repo" rev-parse --verify "$1^{commit}") wt=$(realpath -m "$2") runs=$(realpath -m "$3")
+commit=$(git -C "$repo" rev-parse --verify --quiet "$1^{commit}") \
+  || { echo "error: $1 is not a commit of $repo; give a commit, a branch or HEAD" >&2; exit 2; }
+wt=$(realpath -m "$2") runs=$(realpath -m "$3")
 shift 3
 if [ -e "$wt" ]; then
   at=$(git -C "$wt" rev-parse HEAD 2>/dev/null || echo "not a git worktree")

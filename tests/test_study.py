@@ -249,7 +249,8 @@ def test_which_parts_to_train_sets_each_strategy_beside_decoder_only_under_the_s
 
 def test_pinned_script_runs_the_driver_of_its_commit_from_a_worktree(small_root, tmp_path):
     """experiments/pinned.sh: a worktree at the commit (made, then reused), the driver run from it (its fast
-    split written), and a worktree at another commit refused with one line."""
+    split written); a folder that is no worktree of the commit, and a name that is no commit, each refused with
+    one line."""
     repo = Path(__file__).resolve().parents[1]
     head = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True)
     if head.returncode != 0 or not (repo / ".git").exists():
@@ -264,8 +265,12 @@ def test_pinned_script_runs_the_driver_of_its_commit_from_a_worktree(small_root,
             assert "[pinned] " in proc.stdout and head.stdout.strip()[:10] in proc.stdout
         wt_head = subprocess.run(["git", "-C", str(wt), "rev-parse", "HEAD"], capture_output=True, text=True)
         assert wt_head.stdout == head.stdout and (out / "split.json").is_file()
-        other = subprocess.run(["bash", str(repo / "experiments" / "pinned.sh"), "HEAD~1", str(wt), str(runs)],
-                               capture_output=True, text=True, timeout=60)
-        assert other.returncode == 2 and f"error: {wt} is at {head.stdout.strip()}" in other.stderr
+        plain = tmp_path / "plain"  # a folder that is no worktree of this commit
+        plain.mkdir()
+        for commit, folder, words in (("HEAD", plain, f"error: {plain} is at "),
+                                      ("no-such-commit", wt, "error: no-such-commit is not a commit of")):
+            other = subprocess.run(["bash", str(repo / "experiments" / "pinned.sh"), commit, str(folder), str(runs)],
+                                   capture_output=True, text=True, timeout=60)
+            assert other.returncode == 2 and other.stderr.startswith(words), other.stderr
     finally:
         subprocess.run(["git", "-C", str(repo), "worktree", "remove", "--force", str(wt)], capture_output=True)
