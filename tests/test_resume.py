@@ -166,12 +166,17 @@ def test_sigterm_saves_last_then_ckpt_path_last_resumes(work, baseline):
     last = _ckpt(run / "checkpoints" / "last.ckpt")
     # saved at the next optimiser step, not on the accumulating batch the signal arrived in
     assert (last["epoch"], last["global_step"]) == (1, 5)
+    # a checkpoint written before the timer travelled in it: the fit's time of earlier sessions is unknown
+    assert last["callbacks"].pop("EpochTimer")["sessions"]
+    torch.save(last, run / "checkpoints" / "last.ckpt")
 
     # ckpt_path=last with the original command line: the newest run of the task is continued
     proc = cli(*args, "ckpt_path=last", "~callbacks.fault")
     assert f"resuming {run}" in proc.stdout
     assert list((tmp / "logs" / "tiny" / "runs").iterdir()) == [run]
     _assert_same_end(run, baseline)
+    res = json.loads((run / "results.json").read_text())
+    assert len(res["fit_sessions"]) == 1 and "fit_seconds_all_sessions" not in res  # no total it cannot know
 
 
 def test_nan_loss_stops_with_one_line_naming_the_step(work):
