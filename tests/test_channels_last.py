@@ -44,7 +44,7 @@ def test_the_encoder_rows_train_the_same_encoder_in_nhwc(real_root):
     assert len(_conv_weights(nhwc)) >= 10
     assert all(_nhwc(w) for w in _conv_weights(nhwc)) and not any(_nhwc(w) for w in _conv_weights(nchw))
     assert nhwc.encoder_fingerprint() == nchw.encoder_fingerprint()
-    images = sorted((real_root / "TestDataset" / "Kvasir" / "images").iterdir())[:2]
+    images = sorted((real_root / "TestDataset" / "Kvasir" / "images").iterdir())[:1]  # train-mode BatchNorm: 64 x 64 positions
     canvases = [preprocess(read_image(p), nhwc.spec) for p in images]
     x = torch.stack([c for c, _ in canvases])
     hw = torch.tensor([rz.input_hw for _, rz in canvases])

@@ -25,9 +25,9 @@ QUIET = ["callbacks.rich_progress_bar=null", "callbacks.val_overlays=null"]
 pytestmark = pytest.mark.slow  # every test starts the command line in a process of its own (make test-fast skips them)
 
 
-def train_cli(*overrides, wait=True):
+def train_cli(*overrides, wait=True, **env_extra):
     env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled",
-           "NO_ALBUMENTATIONS_UPDATE": "1"}
+           "NO_ALBUMENTATIONS_UPDATE": "1", **env_extra}
     cmd = [sys.executable, "-m", "polypsam.train", "+experiment=tiny", *QUIET, *overrides]
     if not wait:
         return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -36,6 +36,11 @@ def train_cli(*overrides, wait=True):
 
 def error_lines(proc) -> list[str]:
     return [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]
+
+
+def imported(proc) -> set[str]:
+    """The modules a process run with PYTHONPROFILEIMPORTTIME=1 imported (Python's own report, on stderr)."""
+    return {ln.rsplit("|", 1)[1].strip() for ln in proc.stderr.splitlines() if ln.startswith("import time:")}
 
 
 @pytest.fixture(scope="module")
@@ -67,24 +72,29 @@ def test_bad_value_stops_before_any_work(override, tmp_path):
     exits 0, the runtime names fail after fit (enc_dec builds no frozen encoder) and devices=3 starts three
     ranks; each of those leaves config_resolved.yaml and the synthetic set behind."""
     run = tmp_path / "run"
-    proc = train_cli(override, f"paths.root_dir={tmp_path}", f"hydra.run.dir={run}")
+    proc = train_cli(override, f"paths.root_dir={tmp_path}", f"hydra.run.dir={run}", PYTHONPROFILEIMPORTTIME="1")
     assert proc.returncode == 2, proc.stderr[-3000:]
     lines = error_lines(proc)
     assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert all(w in lines[0] for w in BAD_VALUES[override]), lines[0]
     assert not (run / "config_resolved.yaml").exists() and not (run / "ddp").exists()
     assert not (tmp_path / "data").exists()  # the synthetic set was never generated, no image read
+    # nor Lightning imported (polypsam.hydra_conf): the line comes in the time torch takes to import, not ~3x
+    # that. Checked: with train.py's or ClaimRunDir's former top-level Lightning import, this fails.
+    assert "torch" in imported(proc) and not {"lightning", "torchmetrics"} & imported(proc)
 
 
 def test_eval_uses_the_same_checks(tmp_path):
     """The evaluation's command checks its composed config the same way (a zero-shot row: model=tiny)."""
-    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled",
+           "PYTHONPROFILEIMPORTTIME": "1"}
     proc = subprocess.run([sys.executable, "-m", "polypsam.evaluate", "model=tiny", "batch_size=0",
                            f"paths.root_dir={tmp_path}", f"hydra.run.dir={tmp_path / 'eval'}"], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=300)
     lines = error_lines(proc)
     assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: batch_size=0 "), proc.stderr
     assert ">= 1" in lines[0] and not (tmp_path / "eval" / "config_resolved.yaml").exists()
+    assert "lightning" not in imported(proc)  # nor what does the work
 
 
 # -- a defective test set: stopped before the zero-shot validation and fit ----------------------------------

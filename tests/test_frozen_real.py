@@ -67,7 +67,7 @@ def test_training_serves_the_embeddings_evaluation_computes(small_root, tmp_path
             # fp32: the first batch's loss is compared with an fp32 eval-mode step (bf16 training, which
             # precision=auto picks on a CPU with AMX, is covered by test_frozen's cache test)
             "+experiment=dec_lite", "trainer.precision=32", f"data.root={small_root}", "data.num_workers=0",
-            "scratch.batch_size=4",
+            "data.limit_train=5", "data.limit_val=1", "scratch.batch_size=4",
             "scratch.effective_batch_size=4", "scratch.max_epochs=2", "validate_before_training=false",
             "test_after_training=false", "callbacks.rich_progress_bar=null", "callbacks.val_overlays=null",
             f"paths.root_dir={tmp_path}", f"paths.cache_dir={tmp_path / 'cache'}",
@@ -75,7 +75,7 @@ def test_training_serves_the_embeddings_evaluation_computes(small_root, tmp_path
     train(cfg)
     probe = ServedEmbeddings.last
     keys = {k for _, k in probe.served}
-    assert len(keys) == 11 and len(probe.served) == 22  # 11 training images, served in epochs 0 and 1
+    assert len(keys) == 5 and len(probe.served) == 10  # 5 training images (a full batch and one more), epochs 0 and 1
 
     net = build_model("lite")
     predictor = Predictor(net, "cpu")

@@ -22,7 +22,7 @@ from omegaconf import OmegaConf, open_dict
 
 from polypsam.config import CONF_DIR
 from polypsam.errors import RunDirInUse
-from polypsam.run_dir import claim_run_dir
+from polypsam.run_dir import RANK_VARIABLES, claim_run_dir, environment_rank
 from polypsam.train import train
 from polypsam.training.launch import run_maybe_distributed
 from polypsam.training.run_metrics import read_metrics
@@ -141,3 +141,18 @@ def test_the_claim_ends_with_its_process_and_stays_out_of_forked_children(tmp_pa
         os.waitpid(child, 0)
         os.close(ready)
         os.close(started)
+
+
+@pytest.mark.parametrize("variables", [{}, {"RANK": "1"}, {"LOCAL_RANK": "2"}, {"SLURM_PROCID": "3"},
+                                       {"JSM_NAMESPACE_RANK": "1"}, {"SLURM_PROCID": "3", "LOCAL_RANK": "0"},
+                                       {"RANK": "0", "SLURM_PROCID": "5"}])
+def test_the_claims_rank_is_lightnings(variables, monkeypatch):
+    """ClaimRunDir reads the rank as Lightning does without importing it (run_dir.environment_rank): the same
+    answer for every variable Lightning reads, alone and in the orders it prefers them."""
+    from lightning.fabric.utilities.rank_zero import _get_rank
+
+    for key in RANK_VARIABLES:
+        monkeypatch.delenv(key, raising=False)
+    for key, value in variables.items():
+        monkeypatch.setenv(key, value)
+    assert environment_rank() == (_get_rank() or 0)

@@ -13,29 +13,16 @@ from polypsam.curation.specks import speck_report
 from polypsam.data.demo import generate_demo_dataset
 from polypsam.data.embedding_cache import EmbeddingCache
 from polypsam.data.image_cache import ImageCache
-from polypsam.devices import AUTO_WORKERS_CAP, accelerator_device, processes_per_node, resolve_num_workers
+from polypsam.devices import accelerator_device, processes_per_node, resolve_num_workers
 from polypsam.errors import ConfigError
+from polypsam.hydra_conf import CONF_DIR  # noqa: F401 (the entry points' configs, and their resolvers, registered there)
 from polypsam.models import build_model, takes_prompts
 from polypsam.models.sam import PromptableSAM
 from polypsam.prompts import PromptType, build_prompt, prompt_config
-from polypsam.run_dir import run_stamp
 from polypsam.runtime import FrozenEncoder, RuntimeSettings, build_frozen_encoder
 from polypsam.runtime.settings import without_runtime_keys
 
 log = logging.getLogger(__name__)
-
-CONF_DIR = str(Path(__file__).resolve().parent / "conf")  # shipped inside the package (pip install .)
-
-def _auto_workers_resolver(cap=AUTO_WORKERS_CAP, *, _root_) -> int:
-    """``${auto_workers:4}`` in a config: ``resolve_num_workers("auto")`` for the processes ``trainer`` asks for."""
-    trainer_cfg = _root_.get("trainer") if OmegaConf.is_dict(_root_) else None
-    return resolve_num_workers("auto", processes=processes_per_node(trainer_cfg), cap=int(cap))
-
-
-if not OmegaConf.has_resolver("auto_workers"):  # registered on import: every entry point imports CONF_DIR from here
-    OmegaConf.register_new_resolver("auto_workers", _auto_workers_resolver)
-if not OmegaConf.has_resolver("run_stamp"):  # default run folders; cached: one name per composed config
-    OmegaConf.register_new_resolver("run_stamp", run_stamp, use_cache=True)
 
 
 def derive_accumulation(effective_batch_size: int, batch_size: int, devices: int, num_nodes: int = 1

@@ -14,8 +14,7 @@ import os
 import hydra
 
 from polypsam.cli import run_cli
-from polypsam.config import CONF_DIR
-from polypsam.evaluation import evaluate
+from polypsam.hydra_conf import CONF_DIR
 from polypsam.schema import check_config
 
 
@@ -23,6 +22,8 @@ from polypsam.schema import check_config
 def main(cfg) -> float | None:
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     run_cli(check_config, cfg, "eval")  # every value checked before any work (polypsam.schema)
+    from polypsam.evaluation import evaluate  # only now: it imports Lightning (polypsam.hydra_conf)
+
     result = run_cli(evaluate, cfg)
     return float(result.summary["dice"].mean())
 

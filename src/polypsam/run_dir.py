@@ -35,6 +35,7 @@ from polypsam.errors import RunDirInUse
 
 log = logging.getLogger(__name__)
 
+LAST_NAME = "last.ckpt"  # a run's resumable checkpoint, in <run>/checkpoints/
 LOCK_NAME = ".run.lock"  # the holder's pid, host, command and start time (JSON), for the refusal's line
 
 _compositions = itertools.count(1)
@@ -114,6 +115,17 @@ def claim_run_dir(folder: str | Path) -> Iterator[Path]:
             f.close()  # closing drops the lock
 
 
+# Lightning's own reading of the rank (lightning.fabric.utilities.rank_zero._get_rank), repeated here because
+# importing it imports all of Lightning (torchmetrics, torchvision, transformers: seconds), and this runs before
+# a command's config is checked; tests/test_run_dir.py compares the two for every variable.
+RANK_VARIABLES = ("RANK", "LOCAL_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK")
+
+
+def environment_rank() -> int:
+    """This process's global rank as Lightning reads it from the environment (srun, torchrun), else 0."""
+    return next((int(os.environ[k]) for k in RANK_VARIABLES if os.environ.get(k) is not None), 0)
+
+
 class ClaimRunDir(Callback):
     """Hydra callback (``hydra.callbacks`` in conf/hydra/default.yaml): claims ``hydra.run.dir`` before Hydra
     writes ``.hydra/`` into it, until the run ends. A refusal is the command line's one line, status 2.
@@ -124,10 +136,7 @@ class ClaimRunDir(Callback):
         self._claim = ExitStack()
 
     def on_run_start(self, config, **kwargs) -> None:
-        # imported here: polypsam.config registers run_stamp from this module and does not load Lightning
-        from lightning.pytorch.utilities import rank_zero_only
-
-        if rank_zero_only.rank == 0:
+        if environment_rank() == 0:
             run_cli(self._claim.enter_context, claim_run_dir(config.hydra.run.dir))
 
     def on_run_end(self, config, **kwargs) -> None:

@@ -12,8 +12,7 @@ import os
 import hydra
 
 from polypsam.cli import run_cli
-from polypsam.config import CONF_DIR
-from polypsam.evaluation.select_auto import select_auto
+from polypsam.hydra_conf import CONF_DIR
 from polypsam.schema import check_config
 
 
@@ -21,6 +20,9 @@ from polypsam.schema import check_config
 def main(cfg) -> float:
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     run_cli(check_config, cfg, "select_auto")  # every value checked before any work (polypsam.schema)
+    # only now: it imports Lightning (polypsam.hydra_conf)
+    from polypsam.evaluation.select_auto import select_auto
+
     return run_cli(select_auto, cfg)["validation_dice"]["chosen"]
 
 

@@ -13,17 +13,13 @@ from pathlib import Path
 
 import hydra
 import torch
-from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
 from polypsam.cli import run_cli
-from polypsam.config import CONF_DIR, network_from_cfg
+from polypsam.hydra_conf import CONF_DIR
 from polypsam.lightning_tips import silence_lightning_tips
 from polypsam.run_dir import claim_run_dir
-from polypsam.run_parts import build_parts, finish, fit, open_run, record_run
 from polypsam.schema import check_config
-from polypsam.training.build import build_module
-from polypsam.training.launch import run_maybe_distributed
 from polypsam.training.resume import resume_argv
 
 silence_lightning_tips()  # here and in every spawned DDP rank, which imports this module
@@ -35,12 +31,18 @@ def train(cfg: DictConfig) -> dict:
     Global rank 0 holds the run folder while it runs (``polypsam.run_dir``): a second run asked into the same
     folder stops with one line before it writes anything there.
     """
+    from lightning.pytorch.utilities import rank_zero_only  # imported after the config check (_hydra_main)
+
     out = Path(cfg.paths.output_dir)
     with claim_run_dir(out) if rank_zero_only.rank == 0 else nullcontext(out):
         return _train(cfg, out)
 
 
 def _train(cfg: DictConfig, out: Path) -> dict:
+    from polypsam.config import network_from_cfg
+    from polypsam.run_parts import build_parts, finish, fit, open_run, record_run
+    from polypsam.training.build import build_module
+
     precision = open_run(cfg, out)  # folder, resume, seed, precision
     net = network_from_cfg(cfg)  # a prompt-free baseline sets prompt=none before the config is recorded
     resolved = record_run(cfg, out)  # config_resolved.yaml, provenance.json
@@ -55,6 +57,10 @@ def _hydra_main(cfg: DictConfig) -> float | None:
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     # data errors, divergence, out of memory, SIGTERM: one line and its exit status (polypsam.cli)
     run_cli(check_config, cfg, "train", cfg=cfg)  # every value, devices, runtime: before any work is done
+    # only now: Lightning imports torchmetrics, torchvision and transformers, seconds that a bad value,
+    # a folder in use or a run that cannot resume should not wait for (polypsam.hydra_conf)
+    from polypsam.training.launch import run_maybe_distributed
+
     results = run_cli(run_maybe_distributed, train, cfg, cfg=cfg)
     return (results or {}).get("best_val_dice")
 

@@ -28,11 +28,11 @@ from polypsam.config import model_from_cfg
 from polypsam.errors import CheckpointError, ConfigError
 from polypsam.models.identity import base_weights_sha256, check_base, with_base_state
 from polypsam.models.sam import PromptableSAM
+from polypsam.run_dir import LAST_NAME
 from polypsam.training.module import CHECKPOINT_FORMAT, CHECKPOINT_KEY
 
 log = logging.getLogger("polypsam.training.checkpoints")
 
-LAST_NAME = "last.ckpt"  # a run's resumable checkpoint, in <run>/checkpoints/
 
 # -- writing ------------------------------------------------------------------------------------------------
 

@@ -16,10 +16,9 @@ import yaml
 from hydra import compose, initialize_config_dir
 
 from polypsam.cli import one_line
-from polypsam.config import CONF_DIR
 from polypsam.errors import CheckpointError, ConfigError
-from polypsam.run_dir import claim_run_dir
-from polypsam.training.checkpoints import LAST_NAME
+from polypsam.hydra_conf import CONF_DIR
+from polypsam.run_dir import LAST_NAME, claim_run_dir
 
 OWN_KEYS = ("hydra.run.dir", "ckpt_path", "data.split_file", "resume")  # set by resume_argv itself
 # what a run's training means: a resume that changes one of these would mix two recipes in one run folder
