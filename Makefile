@@ -18,9 +18,9 @@ demo: ## the embedded default: LiteMedSAM on synthetic data, a few minutes on a 
 # OpenVINO and ONNX Runtime tests run in a pytest process of their own (an xdist worker that had run other
 # files before them was seen to die at their teardown), beside the xdist run rather than after it: about a
 # minute of one core, taken from the gaps the xdist run leaves while its tests wait on subprocesses; their
-# report follows the xdist run's. Three workers on two cores fill more of those gaps (the suite's wall time,
-# measured: README Development). A crashed worker fails the run instead of being replaced.
-XDIST := -n 3 --dist loadfile --max-worker-restart=0
+# report follows the xdist run's. One xdist worker per core (three on two cores made make test-fast 11% slower,
+# README Development). A crashed worker fails the run instead of being replaced.
+XDIST := -n 2 --dist loadfile --max-worker-restart=0
 RUNTIME_TESTS := tests/test_runtime.py
 RUNTIME_LOG := .pytest_cache/runtime-tests.log
 define beside_runtime_tests

@@ -3,7 +3,7 @@ import shutil
 from pathlib import Path
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
-if os.environ.get("PYTEST_XDIST_WORKER"):  # make test runs more workers than cores: one thread each
+if os.environ.get("PYTEST_XDIST_WORKER"):  # make test runs one worker per core: one thread each
     os.environ["OMP_NUM_THREADS"] = "1"
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("OMP_NUM_THREADS", "2")

@@ -12,7 +12,6 @@ import importlib
 import json
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from PIL import Image
 import polypsam.evaluate  # noqa: F401
 import polypsam.predict  # noqa: F401
 import polypsam.train  # noqa: F401
+import warm
 from polypsam.config import CONF_DIR
 from polypsam.geometry import box_from_mask
 
@@ -142,9 +142,8 @@ def test_train_truncated_image_in_a_loader_worker(small_root, tmp_path):
     for p in sorted((small_root / "TrainDataset" / "images").iterdir()):
         _truncate(p)  # whichever image a worker reads first
     env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
-    proc = subprocess.run([sys.executable, "-m", "polypsam.train", *TRAIN, f"data.root={small_root}",
-                           f"paths.root_dir={tmp_path}", f"hydra.run.dir={tmp_path / 'run'}", "data.num_workers=2"],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    proc = warm.run("polypsam.train", *TRAIN, f"data.root={small_root}", f"paths.root_dir={tmp_path}",
+                    f"hydra.run.dir={tmp_path / 'run'}", "data.num_workers=2", cwd=REPO, env=env, timeout=600)
     line = assert_one_error(proc.returncode, proc.stderr, str(small_root / "TrainDataset" / "images"),
                             "cannot decode image")
     assert "DataLoader worker" not in line
@@ -189,8 +188,7 @@ def test_training_reads_the_data_root_and_never_writes_it(small_root, tmp_path):
     args = [a for a in TRAIN if a != "test_after_training=false"] + [
         f"data.root={small_root}", f"paths.root_dir={tmp_path}", f"hydra.run.dir={run}",
         "+eval.figures=false", "+eval.robustness.noise=[]"]
-    proc = subprocess.run([sys.executable, "-m", "polypsam.train", *args], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=600)
+    proc = warm.run("polypsam.train", *args, cwd=REPO, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert _tree_digest(small_root) == before
     report = json.loads((run / "data_report.json").read_text())

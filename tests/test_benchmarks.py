@@ -8,13 +8,14 @@ from pathlib import Path
 
 import pytest
 
+import warm
+
 REPO = Path(__file__).resolve().parents[1]
 
 
 def _run(script: str, *args: str, timeout: int = 400) -> str:  # generous: a loaded 2-core machine
     env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "NO_ALBUMENTATIONS_UPDATE": "1", "COLUMNS": "220"}
-    proc = subprocess.run([sys.executable, "-m", f"benchmarks.{script}", "--smoke", *args], cwd=REPO, env=env, check=False,
-                          capture_output=True, text=True, timeout=timeout)
+    proc = warm.run(f"benchmarks.{script}", "--smoke", *args, cwd=REPO, env=env, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     return proc.stdout
 

@@ -3,8 +3,6 @@
 import csv
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +13,7 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf, open_dict
 
+import warm
 from polypsam.config import CONF_DIR
 from polypsam.errors import ConfigError
 from polypsam.training.launch import check_unused_parameters, run_maybe_distributed, world_plan
@@ -28,8 +27,7 @@ TINY_DDP = ["+experiment=tiny", "trainer.devices=2", "trainer.strategy=ddp", "tr
 def cli(*args, timeout=300):
     env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled",
            "NO_ALBUMENTATIONS_UPDATE": "1"}
-    return subprocess.run([sys.executable, "-m", "polypsam.train", *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=timeout, check=False)
+    return warm.run("polypsam.train", *args, cwd=REPO, env=env, timeout=timeout)
 
 
 def _alive(pid: int) -> bool:

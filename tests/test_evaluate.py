@@ -7,8 +7,6 @@ evaluation does with them.
 import csv
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import cv2
@@ -18,6 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
+import warm
 from polypsam.compare import main as compare_main
 from polypsam.config import CONF_DIR
 from polypsam.errors import CheckpointError, ConfigError, DataError
@@ -39,8 +38,7 @@ def _env(tmp: Path, **extra) -> dict:
 
 
 def run_cli(module: str, *args, tmp: Path, check=True, **env):
-    proc = subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=_env(tmp, **env),
-                          capture_output=True, text=True, timeout=900, check=False)
+    proc = warm.run(module, *args, cwd=REPO, env=_env(tmp, **env), timeout=900)
     if check and proc.returncode != 0:
         raise AssertionError(f"{module} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
                              f"{proc.stderr[-5000:]}")

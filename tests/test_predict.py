@@ -4,8 +4,6 @@ format (masks folder, boxes.json, Kvasir-SEG's kavsir_bboxes.json, boxes.csv, bo
 import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +12,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from PIL import Image
 
+import warm
 from polypsam.config import CONF_DIR
 from polypsam.data.io import read_image, read_mask
 from polypsam.errors import ConfigError, DataError
@@ -77,9 +76,8 @@ def test_cli_masks_folder_all_formats_on_real_images(real_root, trained, tmp_pat
         mask0.save(masks / (Path(name).stem + ".png"))
     out = tmp_path / "out"
     env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "polypsam.predict", f"ckpt_path={trained}", f"input={images}",
-                           f"prompts={masks}", f"output={out}", "batch_size=3", "num_workers=1"],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    proc = warm.run("polypsam.predict", f"ckpt_path={trained}", f"input={images}", f"prompts={masks}",
+                    f"output={out}", "batch_size=3", "num_workers=1", cwd=REPO, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "predicted 7 image(s)" in proc.stdout and "predicting" in proc.stderr  # rich progress bar
     summary = json.loads((out / "summary.json").read_text())

@@ -18,6 +18,7 @@ import torch
 import yaml
 from hydra import compose, initialize_config_dir
 
+import warm
 from polypsam.cli import describe_failure, oom_message
 from polypsam.config import CONF_DIR
 from polypsam.data.sampler import EpochShuffleSampler
@@ -42,8 +43,7 @@ def _env():
 
 
 def cli(*args, check=True):
-    proc = subprocess.run([sys.executable, "-m", "polypsam.train", *args], cwd=REPO, env=_env(),
-                          capture_output=True, text=True, timeout=600)
+    proc = warm.run("polypsam.train", *args, cwd=REPO, env=_env(), timeout=600)
     if check and proc.returncode != 0:
         raise AssertionError(f"train failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc

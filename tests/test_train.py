@@ -3,14 +3,13 @@
 import csv
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
+import warm
 from polypsam.devices import cpu_has_amx_bf16
 
 REPO = Path(__file__).resolve().parents[1]
@@ -19,8 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 def run_train(*overrides, cwd=None, check=True, env_extra=None):
     env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled",
            **(env_extra or {})}
-    proc = subprocess.run([sys.executable, "-m", "polypsam.train", *overrides], cwd=cwd or REPO, env=env,
-                          capture_output=True, text=True, timeout=600)
+    proc = warm.run("polypsam.train", *overrides, cwd=cwd or REPO, env=env, timeout=600)
     if check and proc.returncode != 0:
         raise AssertionError(f"train failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc
