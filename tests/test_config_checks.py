@@ -168,3 +168,19 @@ def test_lightning_tips_not_printed(tmp_path):
     text = proc.stdout + proc.stderr + (tmp_path / "run" / "train.log").read_text()
     assert "Trainer.fit" in text  # Lightning's own lines still come through
     assert "litlogger" not in text and "litmodels" not in text
+
+
+def test_a_command_forked_warm_ends_as_a_fresh_one(tmp_path):
+    """tests/warm.py, which most command-line tests use, gives what a fresh ``python -m`` gives: the status,
+    the error line and nothing written, for a command that stops and one that fails after Hydra opened its run."""
+    import warm
+
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled",
+           "NO_ALBUMENTATIONS_UPDATE": "1"}
+    for bad in ("scratch.lr=-1", f"data.root={tmp_path / 'missing'}"):
+        args = [bad, "data.generate_demo=false", f"paths.root_dir={tmp_path}"]
+        fresh = train_cli(*args, f"hydra.run.dir={tmp_path / 'fresh'}")
+        forked = warm.run("polypsam.train", "+experiment=tiny", *QUIET, *args, f"hydra.run.dir={tmp_path / 'warm'}",
+                          env=env, cwd=REPO, timeout=300)
+        assert forked.returncode == fresh.returncode == 2, (fresh.stderr[-2000:], forked.stderr[-2000:])
+        assert error_lines(forked) == error_lines(fresh) != []
