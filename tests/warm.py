@@ -21,6 +21,8 @@ import tempfile
 import traceback
 from pathlib import Path
 
+import torch
+
 # what every command imports anyway; nothing of polypsam's command modules themselves (runpy runs those afresh)
 PRELOAD = ["lightning.pytorch", "torchmetrics", "polypsam.run_parts", "polypsam.evaluation", "polypsam.training.launch"]
 _CONTEXT = multiprocessing.get_context("forkserver")
@@ -31,6 +33,8 @@ def _command(module: str, argv: list[str], env: dict, cwd: str, out: str, err: s
     """The forked process: the environment, folder, output files and argv of ``python -m module``, then exit."""
     os.environ.clear()
     os.environ.update(env)
+    if env.get("OMP_NUM_THREADS"):  # OpenMP read it when the warm interpreter imported torch; a fresh one reads this
+        torch.set_num_threads(int(env["OMP_NUM_THREADS"]))
     os.chdir(cwd)
     for fd, path in ((1, out), (2, err)):
         f = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
