@@ -97,6 +97,21 @@ def test_eval_uses_the_same_checks(tmp_path):
     assert "lightning" not in imported(proc)  # nor what does the work
 
 
+@pytest.mark.parametrize("command", ["predict", "select_auto"])
+def test_the_other_commands_check_before_importing_lightning(command, tmp_path):
+    """predict and select_auto stop on a bad value as train and evaluate do, before Lightning is imported.
+    Checked: with predict's former top-level imports (load_model, the prediction helpers) this fails."""
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled",
+           "PYTHONPROFILEIMPORTTIME": "1"}
+    args = ["model=tiny", "batch_size=0"] if command == "predict" else ["threshold=2"]  # select_auto: a checkpoint's
+    bad = args[-1]
+    proc = subprocess.run([sys.executable, "-m", f"polypsam.{command}", *args, f"hydra.run.dir={tmp_path / 'out'}"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    lines = error_lines(proc)
+    assert proc.returncode == 2 and len(lines) == 1 and bad.split("=")[0] in lines[0], proc.stderr[-3000:]
+    assert "torch" in imported(proc) and not {"lightning", "torchmetrics"} & imported(proc)
+
+
 # -- a defective test set: stopped before the zero-shot validation and fit ----------------------------------
 
 @pytest.mark.parametrize("defect", ["empty", "mask_size"])

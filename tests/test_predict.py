@@ -18,7 +18,8 @@ from polypsam.data.io import read_image, read_mask
 from polypsam.errors import ConfigError, DataError
 from polypsam.geometry import box_from_mask, boxes_to_input, resize_image, to_original
 from polypsam.metrics import dice_iou
-from polypsam.predict import load_boxes_csv, plan_jobs, predict
+from polypsam.prediction import load_boxes_csv, plan_jobs
+from polypsam.prediction.command import predict
 from polypsam.prompts.box import BoxPrompt
 from polypsam.prompts.point import PointPrompt
 from polypsam.training.checkpoints import load_model
