@@ -215,6 +215,13 @@ def test_other_mask_heads_keep_the_stock_path():
     other = torch.nn.Sequential(torch.nn.ConvTranspose2d(32, 8, 4, stride=2, padding=1), *list(up)[1:])
     assert not is_stock_upscaling(other)
     assert not is_stock_upscaling(torch.nn.Sequential(*list(up)[:4]))
+
+    class LayerNorm2d(torch.nn.Module):  # SAM's name and attributes, another class: recognised by class, not name
+        def __init__(self, n):
+            super().__init__()
+            self.weight, self.bias, self.eps = torch.nn.Parameter(torch.ones(n)), torch.nn.Parameter(torch.zeros(n)), 1e-6
+
+    assert not is_stock_upscaling(torch.nn.Sequential(up[0], LayerNorm2d(up[1].weight.numel()), *list(up)[2:]))
     g = torch.Generator().manual_seed(0)
     tokens, hyper = torch.randn(2, 16, 16, 32, generator=g), torch.randn(2, 4, generator=g)
     fast = mask_logits_channels_last(up, tokens, hyper)

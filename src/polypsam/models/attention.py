@@ -24,6 +24,8 @@ from segment_anything.modeling.image_encoder import Attention, Block, get_rel_po
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from polypsam.models.sam_classes import sam_classes
+
 __all__ = [
     "CheckpointedBlock",
     "SdpaAttention",
@@ -145,9 +147,7 @@ class SdpaDecoderAttention(sam_transformer.Attention):
 
 def _is_sam_decoder_attention(m: nn.Module) -> bool:
     """SAM's decoder ``Attention``, from segment_anything or a vendored copy (LiteMedSAM's)."""
-    cls = type(m)
-    return (cls is sam_transformer.Attention
-            or (cls.__name__ == "Attention" and cls.__module__.endswith("segment_anything.modeling.transformer")))
+    return type(m) in sam_classes("transformer", "Attention")  # exact: SdpaDecoderAttention subclasses it
 
 
 def use_sdpa_decoder_attention(mask_decoder: nn.Module) -> int:

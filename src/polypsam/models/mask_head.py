@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from polypsam.models.sam_classes import sam_classes
+
 __all__ = ["is_stock_upscaling", "mask_logits_channels_last", "mask_logits_stock"]
 
 
@@ -37,7 +39,7 @@ def is_stock_upscaling(upscaling: nn.Module) -> bool:
         return False
     conv1, norm, _, conv2, _ = upscaling
     return (_is_conv_transpose_2x2(conv1) and _is_conv_transpose_2x2(conv2)
-            and type(norm).__name__ == "LayerNorm2d" and all(hasattr(norm, a) for a in ("weight", "bias", "eps"))
+            and isinstance(norm, sam_classes("common", "LayerNorm2d"))
             and norm.weight.numel() == conv1.out_channels == conv2.in_channels)
 
 
