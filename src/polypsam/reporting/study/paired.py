@@ -21,15 +21,16 @@ def paired_comparison(a: pd.DataFrame, b: pd.DataFrame, metric: str = "dice", n_
     ``a`` and ``b`` are per_image.csv tables; only images present in both are compared (their count is
     reported), so a row evaluated on a subset is never compared against the whole set.
     """
-    both = a[KEY + [metric]].merge(b[KEY + [metric]], on=KEY, suffixes=("_a", "_b"))
+    both = a[KEY + [metric]].rename(columns={metric: "a"}).merge(b[KEY + [metric]].rename(columns={metric: "b"}),
+                                                                  on=KEY)
     rng = np.random.default_rng(seed)
     rows = []
     for name, sub in both.groupby("dataset", sort=False):
-        d = (sub[f"{metric}_a"] - sub[f"{metric}_b"]).to_numpy(float)
+        d = (sub["a"] - sub["b"]).to_numpy(float)
         boots = d[rng.integers(0, len(d), (n_boot, len(d)))].mean(axis=1)
         p = float(wilcoxon(d).pvalue) if np.any(d != 0) else None
-        rows.append({"dataset": name, "n_images": len(d), "mean_a": float(sub[f"{metric}_a"].mean()),
-                     "mean_b": float(sub[f"{metric}_b"].mean()), "diff": float(d.mean()),
+        rows.append({"dataset": name, "n_images": len(d), "mean_a": float(sub["a"].mean()),
+                     "mean_b": float(sub["b"].mean()), "diff": float(d.mean()),
                      "ci_low": float(np.percentile(boots, 2.5)), "ci_high": float(np.percentile(boots, 97.5)),
                      "wilcoxon_p": p})
     return pd.DataFrame(rows)
