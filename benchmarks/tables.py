@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from polypsam.reporting.tables import markdown_table
+
+__all__ = ["RESULTS", "fmt", "markdown_table", "print_table", "ratio", "write_block"]
+
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 
 
@@ -26,12 +30,6 @@ def print_table(title: str, head: list[str], rows: list[list[str]]) -> None:
     for r in rows:
         t.add_row(*r)
     Console(width=260).print(t)  # wide enough that no header wraps (tests look for them)
-
-
-def markdown_table(head: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * len(head)) + "|"]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
-    return "\n".join(lines)
 
 
 def write_block(path: Path, block: str, text: str) -> None:
