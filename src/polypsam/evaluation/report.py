@@ -10,6 +10,7 @@ from polypsam.data.io import read_image, read_mask
 from polypsam.evaluation.runner import EvalResult
 from polypsam.evaluation.settings import METRICS, UNREADABLE_CONVENTION, EvalSettings
 from polypsam.metrics import EMPTY_GT_CONVENTION
+from polypsam.reporting import figures
 from polypsam.reporting import tables as rep
 
 
@@ -129,7 +130,7 @@ def _case_arrays(preds: dict, row: dict) -> dict:
 def _drawn_boxes(text) -> np.ndarray | None:
     """The boxes of a ``box`` cell; clicks (x,y,label) are not drawn."""
     if isinstance(text, str) and text and all(t.count(",") == 3 for t in text.split(";")):
-        return rep.parse_boxes(text)
+        return figures.parse_boxes(text)
     return None
 
 
@@ -158,13 +159,13 @@ def write_outputs(result: EvalResult, settings: EvalSettings) -> None:
         return
     (out / "figures").mkdir(exist_ok=True)
     if result.robustness is not None:
-        rep.robustness_figure(result.robustness, _references(result)).savefig(out / "robustness.png")
+        figures.robustness_figure(result.robustness, _references(result)).savefig(out / "robustness.png")
     for set_name in result.summary["dataset"]:
         sub = result.per_image[result.per_image["dataset"] == set_name]
         cases = [{**_case_arrays(result.preds, r), "label": f"{tag}: {r['image']}\nDice {r['dice']:.3f}"}
-                 for tag, r in rep.pick_cases(sub)]
+                 for tag, r in figures.pick_cases(sub)]
         if cases:
-            fig = rep.cases_figure(cases, f"{set_name}: best, median and worst Dice ({result.meta['label']})")
+            fig = figures.cases_figure(cases, f"{set_name}: best, median and worst Dice ({result.meta['label']})")
             fig.savefig(out / "figures" / f"{set_name}.png")
 
 

@@ -14,6 +14,7 @@ import pandas as pd
 from polypsam.cli import one_line
 from polypsam.errors import ConfigError, DataError, PolypSamError
 from polypsam.reporting import tables as rep
+from polypsam.reporting.evaluation_dir import load_evaluation
 
 
 def compare(paths: Sequence[str | Path], metric: str = "dice", names: Sequence[str] | None = None) -> pd.DataFrame:
@@ -50,7 +51,7 @@ def compare(paths: Sequence[str | Path], metric: str = "dice", names: Sequence[s
 
 def load(path: str | Path) -> dict:
     try:
-        return rep.load_evaluation(path)
+        return load_evaluation(path)
     except PolypSamError:
         raise
     except (OSError, ValueError) as exc:  # an unreadable or malformed summary.csv / meta.json

@@ -113,7 +113,7 @@ def _train_encoder(res: dict) -> str | None:
 
 
 def provenance_rows(named_evaluations: list[tuple[str, dict]]) -> pd.DataFrame:
-    """A row per (row name, evaluation from :func:`polypsam.reporting.tables.load_evaluation`)."""
+    """A row per (row name, evaluation from :func:`polypsam.reporting.evaluation_dir.load_evaluation`)."""
     # a digest one evaluation recorded also serves another evaluation of the same checkpoint file that
     # predates the record (and whose checkpoint has since moved away)
     recorded = {e["meta"]["checkpoint"]: e["meta"]["checkpoint_sha256"] for _, e in named_evaluations
