@@ -8,7 +8,8 @@
 Rows run in the order of what they need (``lite_cpu_rows.ordered``): a row whose proposer another row
 trains runs after it, and ``--rows`` adds the rows a named row needs. A finished row is skipped: its
 evaluation in the runs folder holds summary.csv, or its records are already in the results folder
-(``--rerun`` runs such rows again); a job another row needs is trained whenever its checkpoint is missing
+(``--rerun`` runs such rows again), each of the checkpoint and proposer the runs folder holds now (one that
+read others is stale: run again, and set aside; ``lite_cpu_records``); a job another row needs is trained whenever its checkpoint is missing
 from the runs folder. A run with a last.ckpt resumes (``resume=<run>``); the others start fresh from
 conf/sweep/lite_cpu_jobs/. Stop it at any time (Ctrl-C, SIGTERM, the end of a session): the next call
 continues where it stopped. The report is built from the records, so rows run in other sessions stay in it.
@@ -22,20 +23,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
-from PIL import Image
 
 from polypsam.curation import neighbours, specks
 from polypsam.data.datamodule import folder_records
 from polypsam.data.splits import make_split, write_split
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the rows and the report beside this script
+from lite_cpu_records import copy_records, current_bytes, set_aside, stale  # noqa: E402
 from lite_cpu_report import write_report  # noqa: E402
 from lite_cpu_rows import FAST_ROWS, PROBES, ROWS, Row, ordered, proposer_ckpt, trainers  # noqa: E402
 
@@ -108,16 +108,28 @@ def train_job(study: Study, job: str, model: str) -> None:
 
 
 def run_row(study: Study, row: Row, rerun: bool = False) -> None:
-    """Train what the row needs and the row's own job, then select and evaluate, skipping what is done."""
+    """Train what the row needs and the row's own job, then select and evaluate, skipping what is done. Done
+    means of the bytes the runs folder holds now: an evaluation, a settings file or records that read another
+    checkpoint or proposer than the runs folder's (one retrained since) are set aside or run again."""
+    records = study.record_dir(row)
+    if not rerun and (records / "summary.csv").is_file() and not study.eval_dir(row).exists():
+        why = stale(records, current_bytes(study, row))
+        if why is None:
+            print(f"[lite_cpu] {row.name}: finished (records in {records}); skipped")
+            return
+        print(f"[lite_cpu] {row.name}: {why}; run again", flush=True)
     for job in row.needs:  # a proposer's checkpoint, trained here when the runs folder lacks it
         if not (study.run_dir(job) / "checkpoints" / "best.ckpt").is_file():
             train_job(study, job, trainers()[job].model)
-    if not rerun and (study.record_dir(row) / "summary.csv").is_file() and not study.eval_dir(row).exists():
-        print(f"[lite_cpu] {row.name}: finished (records in {study.record_dir(row)}); skipped")
-        return
     if row.job:
         train_job(study, row.job, row.model)
     out = study.eval_dir(row)
+    now = current_bytes(study, row)
+    if row.select and study.settings_file(row).is_file() and (why := stale(study.settings_file(row), now)):
+        set_aside(study.settings_file(row), why)  # chosen for other bytes: chosen again, and evaluated again
+        set_aside(out, "it read those settings")
+    if row.evaluate and (why := stale(out, now)):
+        set_aside(out, why)
     best = study.run_dir(row.job) / "checkpoints" / "best.ckpt" if row.job else None
     proposer = [f"prompt.proposer={proposer_ckpt(row, study.runs)}"] if row.proposer else []
     if row.select and not study.settings_file(row).is_file():
@@ -153,38 +165,6 @@ def probe(study: Study, name: str) -> pd.DataFrame:
     table.to_csv(study.out / "probes" / f"{name}.csv", index=False)
     print(f"[lite_cpu] {name} probes (validation Dice):\n{table.to_string(index=False)}", flush=True)
     return table
-
-
-def copy_records(study: Study, row: Row) -> Path | None:
-    """The row's small records beside the report (no checkpoint: its sha256 is in meta.json); the records
-    already there when the run folder is not in ``runs``; None when the row has not finished."""
-    src, dst = study.eval_dir(row), study.out / "rows" / row.name
-    if not (src / "summary.csv").is_file():
-        return study.record_dir(row) if (study.record_dir(row) / "summary.csv").is_file() else None
-    if dst.exists():
-        shutil.rmtree(dst)
-    ev = dst / row.eval_dir if row.job else dst
-    ev.mkdir(parents=True)
-    for f in src.iterdir():
-        if f.suffix in (".csv", ".json", ".md", ".yaml"):
-            shutil.copy(f, ev / f.name)
-    if row.select and (chosen := study.settings_file(row)).is_file():  # read by the evaluation, chosen on validation
-        shutil.copy(chosen, ev / chosen.name)
-    # the best/median/worst figures show real frames: they stay in the run folder, never in the repository
-    for f in sorted(src.glob("robustness.png")):
-        (ev / "figures").mkdir(exist_ok=True)
-        im = Image.open(f).convert("RGB")
-        im.thumbnail((1100, 1100))
-        im.save(ev / "figures" / f"{f.stem}.jpg", quality=80)
-    if row.job:
-        run = study.run_dir(row.job)
-        for name in ("config_resolved.yaml", "split.json", "results.json", "provenance.json", "data_report.json"):
-            if (run / name).is_file():
-                shutil.copy(run / name, dst / name)
-        for part in sorted((run / "csv").glob("metrics*.csv")):  # metrics.csv and the parts of earlier sessions
-            (dst / "csv").mkdir(exist_ok=True)
-            shutil.copy(part, dst / "csv" / part.name)
-    return ev
 
 
 def data_notes(study: Study) -> None:

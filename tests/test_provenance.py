@@ -17,6 +17,7 @@ from polypsam.data.demo import generate_demo_dataset
 from polypsam.data.splits import split_digest, write_split
 from polypsam.evaluation import EvalSettings, evaluate_model
 from polypsam.models import build_model
+from polypsam.reporting.evaluation_dir import evaluated_bytes
 from polypsam.reporting.provenance import PROVENANCE_NAME, git_state, read, record
 from polypsam.reporting.study.strategies import row_cost
 
@@ -97,8 +98,12 @@ def two_rows(tmp_path_factory):
     record(run)
     record(run)  # resumed once
     evaluate_model(net, root, run / "eval", EvalSettings(noise=(0.0,)), verbose=False,
-                   identity={"checkpoint": str(run / "checkpoints" / "best.ckpt"), "strategy": "dec"})
+                   identity={"checkpoint": str(run / "checkpoints" / "best.ckpt"), "strategy": "dec",
+                             "proposer_sha256": PROPOSER})
     return tmp, run
+
+
+PROPOSER = hashlib.sha256(b"proposer").hexdigest()  # prompt=auto's stage 1, as an evaluation records it
 
 
 def test_compare_writes_the_provenance_table(two_rows):
@@ -124,6 +129,8 @@ def test_compare_writes_the_provenance_table(two_rows):
     assert dec["polypsam_version"] == __version__ and float(dec["eval_seconds"]) > 0
     md = (out / "provenance.md").read_text()
     assert "1:02:03 (last session)" in md and f"`{dec['checkpoint_sha256'][:12]}`" in md
+    assert dec["proposer_sha256"] == PROPOSER and zs["proposer_sha256"] == ""
+    assert f"(proposer `{PROPOSER[:12]}`)" in md
     assert "| bf16-mixed / 32 | torch fp32 (fell back) / torch fp32 |" in md
     assert f"| zs | – | – | – | {__version__} |" in md
     links = re.findall(r"\]\(([^)]+)\)", md)
@@ -234,3 +241,19 @@ def test_a_run_resumed_over_sessions_reports_its_whole_training_time(two_rows, t
     assert "2:00:23 (2 sessions)" in md and "last session" not in md
     cost = row_cost(runs / "dec")
     assert cost.hours == pytest.approx(2.0) and cost.s_per_step == pytest.approx(7200 / 20)
+
+
+def test_evaluated_bytes_reads_an_older_evaluations_proposer_from_its_settings_file(two_rows, tmp_path):
+    """Evaluations from before meta.json named the proposer's sha256: the settings file they read names it
+    (its identity), found beside the records when the run folder is elsewhere."""
+    tmp, run = two_rows
+    ev = tmp_path / "eval_auto"
+    shutil.copytree(run / "eval", ev)
+    meta = json.loads((ev / "meta.json").read_text())
+    del meta["proposer_sha256"]
+    meta["prompt"]["proposer"] = "/elsewhere/unet/checkpoints/best.ckpt"
+    meta["auto_settings"] = {"file": "/elsewhere/dec/checkpoints/best.auto-row.json"}
+    (ev / "meta.json").write_text(json.dumps(meta))
+    assert evaluated_bytes(ev) == {"checkpoint_sha256": meta.get("checkpoint_sha256"), "proposer_sha256": None}
+    (ev / "best.auto-row.json").write_text(json.dumps({"identity": {"proposer_sha256": PROPOSER}}))
+    assert evaluated_bytes(ev)["proposer_sha256"] == PROPOSER

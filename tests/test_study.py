@@ -11,6 +11,7 @@ import pytest
 from omegaconf import OmegaConf
 from scipy.stats import wilcoxon
 
+from polypsam.download import sha256_file
 from polypsam.reporting.study import paired_comparison, seed_spread
 from polypsam.reporting.study.figures import robustness_all, validation_curves
 from polypsam.reporting.study.report import paired_markdown
@@ -137,6 +138,40 @@ def test_the_whole_study_from_an_empty_runs_folder_in_fast_mode(small_root, tmp_
     assert "no box: stage-1 source and settings chosen on validation, seed 42" in (out / "README.md").read_text()
     assert driver.main(args) == 0  # everything is finished: nothing is trained, selected or evaluated again
     assert "[lite_cpu] python -m polypsam.train" not in capfd.readouterr().out
+
+    # A proposer retrained since: the row that read it is selected and evaluated again (without the staleness
+    # check, checked by removing it from run_row, this call runs nothing); the old evaluation is kept aside.
+    blind = runs / "dec_mixed_s42" / "eval_auto_blind"
+    _other_bytes(runs / "unet_conv_s42" / "checkpoints" / "best.ckpt")
+    assert driver.main(args) == 0
+    assert _modules_run(capfd) == ["polypsam.select_auto", "polypsam.evaluate"]
+    assert len(list(blind.parent.glob("eval_auto_blind.stale-*"))) == 1
+    assert len(list((blind.parent / "checkpoints").glob("best.auto-dec_auto_blind_s42.json.stale-*"))) == 1
+    record = out / "rows" / "dec_auto_blind_s42" / "eval_auto_blind" / "meta.json"
+    assert json.loads(record.read_text())["proposer_sha256"] == sha256_file(runs / "unet_conv_s42" / "checkpoints"
+                                                                            / "best.ckpt")
+    # Records only (the row's evaluation is no longer in the runs folder, as after a session elsewhere), and its
+    # checkpoint retrained since: the records no longer count as finished (before the check: skipped).
+    blind.rename(blind.with_name("moved"))
+    _other_bytes(runs / "dec_mixed_s42" / "checkpoints" / "best.ckpt")
+    assert driver.main(args) == 0
+    assert _modules_run(capfd) == ["polypsam.select_auto", "polypsam.evaluate"]
+    assert json.loads(record.read_text())["checkpoint_sha256"] == sha256_file(runs / "dec_mixed_s42" /
+                                                                              "checkpoints" / "best.ckpt")
+
+
+def _other_bytes(ckpt: Path) -> None:
+    """A checkpoint as if retrained: one trained weight moved."""
+    import torch
+
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    key = next(k for k, v in state["state_dict"].items() if "decoder" in k and v.is_floating_point())
+    state["state_dict"][key] += 1e-3
+    torch.save(state, ckpt)
+
+
+def _modules_run(capfd) -> list[str]:
+    return [line.split()[3] for line in capfd.readouterr().out.splitlines() if line.startswith("[lite_cpu] python -m")]
 
 
 def test_learning_rate_probes_in_fast_mode(small_root, tmp_path, monkeypatch, capfd):

@@ -11,6 +11,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from polypsam.config import model_from_cfg, prompt_from_cfg
+from polypsam.download import sha256_file
 from polypsam.errors import ConfigError
 from polypsam.evaluation.identity import run_identity, untrained_prompt_warning
 from polypsam.evaluation.settings import EvalSettings, settings_from_cfg
@@ -90,6 +91,7 @@ def plan_evaluation(cfg) -> EvalPlan:
     proposer, first_meta = None, meta
     if prompt.from_model and prompt.proposer:
         proposer, first_meta = load_model(prompt.proposer)
+        identity["proposer_sha256"] = sha256_file(prompt.proposer)  # stage 1's bytes, as the checkpoint's
     warning = untrained_prompt_warning(prompt, first_meta, proposer or net)
     if warning:
         log.warning(warning)

@@ -30,4 +30,20 @@ def load_evaluation(path: str | Path) -> dict:
     return out
 
 
-__all__ = ["find_eval_dir", "load_evaluation"]
+def evaluated_bytes(path: str | Path) -> dict[str, str | None]:
+    """The sha256 of what an evaluation read: ``checkpoint_sha256`` (None: zero-shot, or not recorded) and
+    ``proposer_sha256``, prompt=auto's separate stage 1 (meta.json's, else the identity of the settings file
+    the evaluation read, for evaluations that predate the record; None: no proposer, or not recorded)."""
+    d = find_eval_dir(path)
+    meta = json.loads((d / "meta.json").read_text())
+    proposer = meta.get("proposer_sha256")
+    settings = (meta.get("auto_settings") or {}).get("file")
+    if proposer is None and (meta.get("prompt") or {}).get("proposer") and settings:
+        for f in (d / Path(settings).name, Path(settings)):  # its copy beside the records, or where it was chosen
+            if f.is_file():
+                proposer = (json.loads(f.read_text()).get("identity") or {}).get("proposer_sha256")
+                break
+    return {"checkpoint_sha256": meta.get("checkpoint_sha256"), "proposer_sha256": proposer}
+
+
+__all__ = ["evaluated_bytes", "find_eval_dir", "load_evaluation"]

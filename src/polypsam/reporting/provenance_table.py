@@ -2,12 +2,12 @@
 
 Per row (one evaluation): the resolved config (the training run's ``config_resolved.yaml``, or the
 evaluation's own for a zero-shot row), the split file and the sha256 of its image lists
-(:func:`polypsam.data.splits.split_digest`: equal for every run on the same images), the checkpoint's sha256, the
-polypsam version, the git commit and hardware of training and of evaluation (``provenance.json``,
-:mod:`polypsam.reporting.provenance`), the precision and frozen-encoder runtime each ran at (the run's
-``results.json``, the evaluation's ``meta.json``), and the wall-clock time of each. Paths, in the
-Markdown's links and in the CSV, are relative to the folder they are written to, never absolute; the CSV
-holds full digests. What a run did not record (a run from before provenance.json existed, a checkpoint
+(:func:`polypsam.data.splits.split_digest`: equal for every run on the same images), the checkpoint's sha256
+(and that of prompt=auto's separate proposer), the polypsam version, the git commit and hardware of training
+and of evaluation (``provenance.json``, :mod:`polypsam.reporting.provenance`), the precision and frozen-encoder
+runtime each ran at (the run's ``results.json``, the evaluation's ``meta.json``), and the wall-clock time of
+each. Paths, in the Markdown's links and in the CSV, are relative to the folder they are written to, never
+absolute; the CSV holds full digests. What a run did not record (a run from before provenance.json existed, a checkpoint
 moved away) is ``–``, never guessed.
 """
 
@@ -24,6 +24,7 @@ import yaml
 from polypsam.data.splits import split_digest
 from polypsam.download import sha256_file
 from polypsam.reporting import provenance
+from polypsam.reporting.evaluation_dir import evaluated_bytes
 from polypsam.reporting.tables import markdown_table
 
 MISSING = "–"
@@ -131,6 +132,7 @@ def provenance_rows(named_evaluations: list[tuple[str, dict]]) -> pd.DataFrame:
             "checkpoint": ckpt,  # the digest recorded, else the file's own
             "checkpoint_sha256": e["meta"].get("checkpoint_sha256") or (_file(ckpt) and sha256_file(ckpt))
             or recorded.get(e["meta"].get("checkpoint")),
+            "proposer_sha256": evaluated_bytes(e["dir"])["proposer_sha256"],  # prompt=auto's separate stage 1
             "polypsam_version": _once([train["version"], e["meta"].get("polypsam_version")]),
             "train_commit": train["commit"], "eval_commit": ev["commit"],
             "train_hardware": train["hardware"], "eval_hardware": ev["hardware"],
@@ -201,8 +203,9 @@ def provenance_markdown(table: pd.DataFrame, out: str | Path) -> str:
             split += f" `{_short(r['split_sha256'])}`"
         rows.append([
             r["run"], _link(r["config"], out, "config_resolved.yaml"), split,
-            f"`{_short(r['checkpoint_sha256'])}`" if _short(r["checkpoint_sha256"]) != MISSING else
-            "checkpoint missing" if _short(r["checkpoint"]) != MISSING else MISSING,
+            (f"`{_short(r['checkpoint_sha256'])}`" if _short(r["checkpoint_sha256"]) != MISSING else
+             "checkpoint missing" if _short(r["checkpoint"]) != MISSING else MISSING)
+            + (f" (proposer `{_short(r['proposer_sha256'])}`)" if _short(r["proposer_sha256"]) != MISSING else ""),
             _short(r["polypsam_version"], 40), f"{_commit(r['train_commit'])} / {_commit(r['eval_commit'])}",
             f"{_short(r['train_hardware'], 80)} / {_short(r['eval_hardware'], 80)}",
             f"{_short(r['train_precision'])} / {_short(r['eval_precision'])}",
