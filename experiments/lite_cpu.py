@@ -9,8 +9,8 @@ Rows run in the order of what they need (``lite_cpu_rows.ordered``): a row whose
 trains runs after it, and ``--rows`` adds the rows a named row needs. A finished row is skipped: its
 evaluation in the runs folder holds summary.csv, or its records are already in the results folder
 (``--rerun`` runs such rows again), each of the checkpoint and proposer the runs folder holds now (one that
-read others is stale: run again, and set aside; ``lite_cpu_records``); a job another row needs is trained whenever its checkpoint is missing
-from the runs folder. A run with a last.ckpt resumes (``resume=<run>``); the others start fresh from
+read others is stale: run again, and set aside; ``lite_cpu_records``); a job another row needs is trained
+whenever its checkpoint is missing from the runs folder. A run with a last.ckpt resumes (``resume=<run>``); the others start fresh from
 conf/sweep/lite_cpu_jobs/. Stop it at any time (Ctrl-C, SIGTERM, the end of a session): the next call
 continues where it stopped. The report is built from the records, so rows run in other sessions stay in it.
 
