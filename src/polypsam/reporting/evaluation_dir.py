@@ -30,12 +30,13 @@ def load_evaluation(path: str | Path) -> dict:
     return out
 
 
-def evaluated_bytes(path: str | Path) -> dict[str, str | None]:
+def evaluated_bytes(path: str | Path, meta: dict | None = None) -> dict[str, str | None]:
     """The sha256 of what an evaluation read: ``checkpoint_sha256`` (None: zero-shot, or not recorded) and
     ``proposer_sha256``, prompt=auto's separate stage 1 (meta.json's, else the identity of the settings file
-    the evaluation read, for evaluations that predate the record; None: no proposer, or not recorded)."""
+    the evaluation read, for evaluations that predate the record; None: no proposer, or not recorded).
+    ``meta``: its meta.json when the caller has read it already."""
     d = find_eval_dir(path)
-    meta = json.loads((d / "meta.json").read_text())
+    meta = meta if meta is not None else json.loads((d / "meta.json").read_text())
     proposer = meta.get("proposer_sha256")
     settings = (meta.get("auto_settings") or {}).get("file")
     if proposer is None and (meta.get("prompt") or {}).get("proposer") and settings:

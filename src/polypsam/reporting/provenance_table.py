@@ -132,7 +132,7 @@ def provenance_rows(named_evaluations: list[tuple[str, dict]]) -> pd.DataFrame:
             "checkpoint": ckpt,  # the digest recorded, else the file's own
             "checkpoint_sha256": e["meta"].get("checkpoint_sha256") or (_file(ckpt) and sha256_file(ckpt))
             or recorded.get(e["meta"].get("checkpoint")),
-            "proposer_sha256": evaluated_bytes(e["dir"])["proposer_sha256"],  # prompt=auto's separate stage 1
+            "proposer_sha256": evaluated_bytes(e["dir"], e["meta"])["proposer_sha256"],  # prompt=auto's separate stage 1
             "polypsam_version": _once([train["version"], e["meta"].get("polypsam_version")]),
             "train_commit": train["commit"], "eval_commit": ev["commit"],
             "train_hardware": train["hardware"], "eval_hardware": ev["hardware"],
